@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Sets up THANN on a fresh machine, idempotently: a virtualenv in .venv, PyTorch (the CPU build
+# where there is no GPU), THANN with its extras, and the default corpus in data/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+    .venv/bin/python -m pip install -q "torch==2.13.0"
+fi
+.venv/bin/python -m pip install -q -e ".[wandb,dev]"
+
+if [ ! -f data/sharegpt_text.idx ]; then
+    .venv/bin/python -m thann.data.preprocess --corpus sharegpt_text --output-prefix data/sharegpt_text --workers 2
+fi

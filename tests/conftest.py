@@ -1,0 +1,66 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MODEL = os.path.join(ROOT, "configs", "model", "thann_tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def single_rank():
+    """megatron-core process groups for a world of one, in this process."""
+    from thann.parallel import state
+
+    layout = OmegaConf.create({"tp": 1, "pp": 1, "ep": 1, "etp": 1, "sp": False})
+    state.initialize(layout, dp=1, seed=1234)
+    yield layout
+    state.destroy()
+
+
+@pytest.fixture
+def tiny_model_cfg():
+    return OmegaConf.load(TINY_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> str:
+    """The first 600 ShareGPT conversations as an indexed dataset; returns the path prefix."""
+    from thann.data.corpora import sharegpt_text
+    from thann.data.preprocess import preprocess
+
+    prefix = str(tmp_path_factory.mktemp("corpus") / "sharegpt_small")
+    preprocess(sharegpt_text(), prefix, workers=1, limit=600)
+    return prefix
+
+
+def run_pretrain(overrides: list[str], nproc: int = 1, timeout: int = 240) -> subprocess.CompletedProcess:
+    if nproc == 1:
+        cmd = [sys.executable, os.path.join(ROOT, "pretrain_thann.py")]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               "--master-port=0", os.path.join(ROOT, "pretrain_thann.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
+    return subprocess.run(cmd + ["logging.wandb.enabled=false", "logging.progress=false", *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def read_metrics(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def tiny_run_overrides(corpus: str, run_dir, steps: int = 4) -> list[str]:
+    return [f"data.path={corpus}", f"checkpoint.dir={run_dir}", f"train.steps={steps}", "train.warmup_steps=1",
+            "train.eval_interval=2", "train.eval_iters=1", "train.micro_batch_size=2", "train.global_batch_size=4",
+            "train.seq_length=64", "train.sample.new_tokens=2"]
+
+
+@pytest.fixture
+def cpu_only():
+    if torch.cuda.is_available():
+        pytest.skip("CPU path test")

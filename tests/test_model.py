@@ -1,0 +1,85 @@
+"""The THANN model: causality, routing and size."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+VOCAB = 100352
+
+
+def _thann(model_cfg, seed=0):
+    from thann.models.thann.model import ThannModel, transformer_config
+    from omegaconf import OmegaConf
+
+    torch.manual_seed(seed)
+    layout = OmegaConf.create({"tp": 1, "pp": 1, "ep": 1, "etp": 1, "sp": False})
+    config = transformer_config(model_cfg, layout, bf16=False, use_cpu_initialization=True)
+    return ThannModel(config, model_cfg, VOCAB, max_sequence_length=64).eval()
+
+
+def _assert_causal(outputs_before, outputs_after, t):
+    """Positions <= t unchanged; position t+1 changed (so the test can see a leak)."""
+    torch.testing.assert_close(outputs_after[:, : t + 1], outputs_before[:, : t + 1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outputs_after[:, t + 1], outputs_before[:, t + 1], atol=1e-4)
+
+
+def test_learnt_tokenization_is_causal(single_rank, tiny_model_cfg):
+    tokenization = _thann(tiny_model_cfg).learnt_tokenization
+    x_SBD = torch.randn(32, 2, tiny_model_cfg.hidden_size)
+    for t in (0, 5, 30):
+        perturbed = x_SBD.clone()
+        perturbed[t + 1] += torch.randn_like(perturbed[t + 1])
+        with torch.no_grad():
+            before, after = tokenization(x_SBD), tokenization(perturbed)
+        _assert_causal(before.transpose(0, 1), after.transpose(0, 1), t)
+
+
+def test_whole_model_is_causal(single_rank, tiny_model_cfg):
+    model = _thann(tiny_model_cfg)
+    tokens = torch.randint(0, 100_000, (2, 48))
+    positions = torch.arange(48).expand(2, 48)
+    for t in (0, 10, 46):
+        perturbed = tokens.clone()
+        perturbed[:, t + 1] = (perturbed[:, t + 1] + 12345) % 100_000
+        with torch.no_grad():
+            before, after = model(tokens, positions, None), model(perturbed, positions, None)
+        _assert_causal(before, after, t)
+
+
+def test_router_picks_4_of_16_experts_with_weights_summing_to_1(single_rank, tiny_model_cfg):
+    model = _thann(tiny_model_cfg)
+    router = model.decoder.layers[0].mlp.router
+    assert router.config.num_moe_experts == 16 and router.topk == 4
+    hidden = torch.randn(64, 2, tiny_model_cfg.hidden_size)
+    with torch.no_grad():
+        probs, routing_map = router(hidden)
+    assert routing_map.shape == (128, 16)
+    assert (routing_map.sum(dim=-1) == 4).all()
+    assert (probs[~routing_map] == 0).all()
+    torch.testing.assert_close(probs.sum(dim=-1), torch.ones(128), rtol=0, atol=1e-6)
+
+
+def test_thann_800m_has_800m_parameters_within_5_percent():
+    out = subprocess.run([sys.executable, "-m", "thann.summary", "model=thann_800m"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    line = next(l for l in out.stdout.splitlines() if l.startswith("total_params="))
+    counts = dict(part.split("=") for part in line.split())
+    total, active = int(counts["total_params"]), int(counts["active_params"])
+    assert 760e6 <= total <= 840e6
+    assert active < total
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+def test_grouped_matmul_matches_per_expert_matmul(tokens):
+    from thann.models.common.experts import grouped_matmul
+
+    counts = torch.tensor([0, tokens, 3, 0])
+    x = torch.randn(int(counts.sum()), 8)
+    w = torch.randn(4, 8, 5)
+    expected = torch.cat([xe @ we for xe, we in zip(torch.split(x, counts.tolist()), w)])
+    torch.testing.assert_close(grouped_matmul(x, w, counts), expected)

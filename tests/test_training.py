@@ -1,0 +1,62 @@
+"""pretrain_thann.py end to end on CPU: determinism, learning, and config errors."""
+
+import pytest
+
+from conftest import read_metrics, run_pretrain, tiny_run_overrides
+
+
+def _losses(records):
+    return [(r["step"], r["split"], r["loss"]) for r in records]
+
+
+def test_same_seed_gives_identical_losses(tiny_corpus, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        out = run_pretrain(tiny_run_overrides(tiny_corpus, tmp_path / name))
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs.append(read_metrics(tmp_path / name))
+    assert _losses(runs[0]) == _losses(runs[1])
+    assert len([r for r in runs[0] if r["split"] == "train"]) == 4
+
+    out = run_pretrain(tiny_run_overrides(tiny_corpus, tmp_path / "c") + ["train.seed=7"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert _losses(read_metrics(tmp_path / "c")) != _losses(runs[0])
+
+
+def test_metrics_records_and_sample(tiny_corpus, tmp_path):
+    out = run_pretrain(tiny_run_overrides(tiny_corpus, tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = read_metrics(tmp_path)
+    valid = [r for r in records if r["split"] == "valid"]
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in valid] == [0, 2, 4]
+    for r in train:
+        assert {"step", "loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s"} <= r.keys()
+        assert r["loss"] == pytest.approx(r["lm_loss"] + r["aux_loss"])
+        assert r["aux_loss"] > 0 and r["tokens_per_s"] > 0
+    assert "sample (greedy)" in out.stdout + out.stderr
+    assert (tmp_path / "config.yaml").exists()
+
+
+def test_validation_loss_drops_by_more_than_one_nat(tiny_corpus, tmp_path):
+    overrides = tiny_run_overrides(tiny_corpus, tmp_path, steps=24) + [
+        "train.eval_interval=24", "train.eval_iters=2", "train.micro_batch_size=4", "train.global_batch_size=8",
+        "train.seq_length=128", "train.warmup_steps=3"]
+    out = run_pretrain(overrides)
+    assert out.returncode == 0, out.stderr[-3000:]
+    valid = [r["lm_loss"] for r in read_metrics(tmp_path) if r["split"] == "valid"]
+    assert valid[0] - valid[-1] >= 1.0, valid
+
+
+@pytest.mark.parametrize("override, field", [
+    ("model.num_attention_heads=15", "model.num_attention_heads"),
+    ("data.path=/nonexistent/corpus", "data.path"),
+    ("train.global_batch_size=3", "train.global_batch_size"),
+    ("model.moe_router_topk=17", "model.moe_router_topk"),
+    ("parallel.sp=true", "parallel.sp"),
+])
+def test_bad_override_fails_before_training_naming_the_field(tiny_corpus, tmp_path, override, field):
+    out = run_pretrain(tiny_run_overrides(tiny_corpus, tmp_path) + ["model=thann_800m", override], timeout=120)
+    assert out.returncode == 2
+    assert f"invalid config: {field}=" in out.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()

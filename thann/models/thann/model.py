@@ -1,0 +1,89 @@
+"""THANN: megatron-core's GPTModel with the learnt tokenization between embedding and decoder.
+
+The decoder is a TransformerBlock of THANN layers (spec.py): attention with RoPE and an MoE MLP
+of 16 experts with top-4 softmax routing, load-balancing auxiliary loss and no token dropping.
+The LM head ("classifier layer") is megatron-core's output layer, tied to the embedding by config.
+"""
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from thann.models.thann.spec import thann_layer_spec
+from thann.models.thann.tokenization import LearntTokenization, TokenizationConfig
+
+
+class ThannModel(GPTModel):
+    def __init__(self, config: TransformerConfig, model_cfg, vocab_size: int, max_sequence_length: int,
+                 pre_process: bool = True, post_process: bool = True, vp_stage=None):
+        super().__init__(
+            config=config,
+            transformer_layer_spec=thann_layer_spec(model_cfg.num_experts, model_cfg.use_te),
+            vocab_size=vocab_size,
+            max_sequence_length=max_sequence_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=model_cfg.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=model_cfg.rotary_base,
+            # The tokenization's convolutions need the whole sequence; it scatters itself.
+            scatter_embedding_sequence_parallel=False,
+            vp_stage=vp_stage,
+        )
+        if pre_process:
+            self.learnt_tokenization = LearntTokenization(
+                config, TokenizationConfig(tuple(model_cfg.tokenization.conv_widths), model_cfg.tokenization.dropout)
+            )
+
+    def _preprocess(self, input_ids, position_ids, decoder_input=None, **kwargs):
+        if decoder_input is None and self.pre_process:
+            embeddings = self.embedding(input_ids=input_ids, position_ids=position_ids)
+            decoder_input = self.learnt_tokenization(embeddings)
+        return super()._preprocess(input_ids, position_ids, decoder_input=decoder_input, **kwargs)
+
+
+def transformer_config(model_cfg, parallel_cfg, *, bf16: bool, use_cpu_initialization: bool,
+                       perform_initialization: bool = True) -> TransformerConfig:
+    """megatron-core's TransformerConfig for a THANN model config and a parallel layout."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=model_cfg.num_layers,
+        hidden_size=model_cfg.hidden_size,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
+        ffn_hidden_size=model_cfg.moe_ffn_hidden_size,
+        normalization=model_cfg.normalization,
+        layernorm_epsilon=1e-5,
+        add_bias_linear=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        hidden_dropout=model_cfg.hidden_dropout,
+        attention_dropout=model_cfg.attention_dropout,
+        init_method_std=model_cfg.init_method_std,
+        num_moe_experts=model_cfg.num_experts,
+        moe_ffn_hidden_size=model_cfg.moe_ffn_hidden_size,
+        moe_router_topk=model_cfg.moe_router_topk,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=False,  # softmax over the chosen top-k: weights sum to 1
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=model_cfg.moe_aux_loss_coeff,
+        moe_router_dtype="fp32",
+        moe_expert_capacity_factor=None,  # dropless
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=model_cfg.use_te,
+        tensor_model_parallel_size=parallel_cfg.tp,
+        pipeline_model_parallel_size=parallel_cfg.pp,
+        expert_model_parallel_size=parallel_cfg.ep,
+        expert_tensor_parallel_size=parallel_cfg.etp,
+        sequence_parallel=parallel_cfg.sp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=bf16,
+        use_cpu_initialization=use_cpu_initialization,
+        perform_initialization=perform_initialization,
+        calculate_per_token_loss=True,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+    )

@@ -1,0 +1,63 @@
+"""THANN's transformer layer as megatron-core ModuleSpecs.
+
+Every part is a stock megatron-core module (TransformerLayer, SelfAttention, MoELayer with its
+TopKRouter, parallel linears) except three leaves that replace CUDA-extension kernels with
+PyTorch: SDPA core attention, grouped-matmul experts and a sequence-parallel-aware torch norm.
+Where transformer-engine imports (NVIDIA container), ``use_te`` selects megatron-core's own TE
+MoE layer spec instead; its parameter names differ, so checkpoints do not cross between the two.
+"""
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from thann.models.common.attention import SDPAttention
+from thann.models.common.experts import GroupedExperts
+from thann.models.common.norm import Norm
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def self_attention_spec() -> ModuleSpec:
+    return ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=ColumnParallelLinear,
+            core_attention=SDPAttention,
+            linear_proj=RowParallelLinear,
+            q_layernorm=IdentityOp,
+            k_layernorm=IdentityOp,
+        ),
+    )
+
+
+def thann_layer_spec(num_experts: int, use_te: bool = False) -> ModuleSpec:
+    if use_te:
+        if not transformer_engine_available():
+            raise ValueError("model.use_te=true but transformer_engine is not importable")
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=True)
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=Norm,
+            self_attention=self_attention_spec(),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=Norm,
+            mlp=ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=GroupedExperts)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )

@@ -1,0 +1,109 @@
+"""Every accommodation megatron-core needs to run without CUDA (CPU + gloo), in one place.
+
+megatron-core is written for GPUs: it creates tensors on ``torch.cuda.current_device()``,
+forks CUDA RNG states, builds CUDA streams and checks parameter type names. On a machine
+without CUDA, ``install()`` redirects exactly those calls to their CPU equivalents; with CUDA
+present it changes nothing but the transformer-engine fix at the bottom. Each item names the
+failure it prevents (see the project notes on megatron-core on CPU).
+"""
+
+import contextlib
+import logging
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_installed = False
+
+
+class _NoStream:
+    """Stands in for ``torch.cuda.Stream`` and the events it records: CPU work is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record_event(self, event=None):
+        return _NoStream()
+
+
+class _CudaAllocationsToCpu(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if isinstance(device, int) or (device is not None and torch.device(device).type == "cuda"):
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
+def install() -> None:
+    """Apply the accommodations once per process; safe to call repeatedly."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    _fix_missing_transformer_engine()
+    if torch.cuda.is_available():
+        return
+
+    # 1. Devices. megatron-core allocates with device="cuda" (e.g. FP32Optimizer: "Torch not
+    #    compiled with CUDA enabled") and with device=torch.cuda.current_device(), an integer
+    #    meaning "cuda:N". A process-wide TorchFunctionMode sends both to the CPU; it does not
+    #    reach code run by the autograd engine's threads (e.g. ColumnParallelLinear's backward),
+    #    so current_device() itself answers "cpu" too.
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    _CudaAllocationsToCpu().__enter__()
+    # 2. Host/device synchronisation is meaningless on CPU.
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    # 3. Streams: the alltoall token dispatcher creates a torch.cuda.Stream in __init__
+    #    ("torch.cuda.Stream requires CUDA support") and enters torch.cuda.stream(...).
+    torch.cuda.Stream = _NoStream
+    torch.cuda.current_stream = lambda *args, **kwargs: _NoStream()
+    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    # 4. RNG: the model-parallel RNG tracker seeds and forks the CUDA generator
+    #    (model_parallel_cuda_manual_seed asserts CUDA). On CPU the CPU generator plays that
+    #    role; the tracker already saves and restores it around every fork.
+    from megatron.core.tensor_parallel import random as mp_random
+
+    # (torch.manual_seed itself calls torch.cuda.manual_seed_all, which stays as it is.)
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    torch.cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    #    The tracker then warns "CPU RNG state changed within GPU RNG context" on every fork,
+    #    which is by construction here (and the state is restored): drop that one message.
+    logging.getLogger(mp_random.__name__).addFilter(
+        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+    )
+    # 5. Type names: the optimizers and gradient clipping accept only 'torch.cuda.FloatTensor'
+    #    and friends ("Wrapped parameters must be one of torch.cuda.FloatTensor ...", an assert
+    #    in clip_grad_by_total_norm_fp32). Without CUDA every tensor is a CPU tensor, so
+    #    Tensor.type() answers with the CUDA name of the same dtype.
+    original_type = torch.Tensor.type
+
+    def cuda_named_type(self, *args, **kwargs):
+        if args or kwargs:
+            return original_type(self, *args, **kwargs)
+        name = original_type(self)
+        return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.type = cuda_named_type
+
+
+def _fix_missing_transformer_engine() -> None:
+    # Without transformer-engine (always on CPU; also on GPUs outside the NVIDIA container)
+    # megatron-core 0.16's router computes its logits through an undefined name and raises
+    # "NameError: te_general_gemm"; None selects its plain-torch branch.
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None

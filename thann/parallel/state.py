@@ -1,0 +1,78 @@
+"""Process groups for a parallel layout: torch.distributed + megatron-core parallel_state.
+
+One process per device. Launched by torchrun (or Slurm through torchrun) the rendezvous comes
+from the environment; started as plain ``python`` it is a world of one. NCCL on GPUs, gloo on CPU.
+"""
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from thann.parallel import cpu
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    ep: int
+    etp: int
+    sp: bool
+    dp: int
+
+    def describe(self) -> str:
+        return f"tp{self.tp}·pp{self.pp}·ep{self.ep}·etp{self.etp}·dp{self.dp}" + ("·sp" if self.sp else "")
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize(parallel_cfg, dp: int, seed: int, timeout_minutes: int = 10) -> Layout:
+    """Joins the process group, builds megatron-core's groups and seeds every RNG stream."""
+    cpu.install()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if "RANK" in os.environ:  # torchrun / srun: rendezvous from the environment
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:  # plain `python`: a world of one
+            dist.init_process_group(backend=backend, timeout=timeout, rank=0, world_size=1,
+                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel_cfg.tp,
+        pipeline_model_parallel_size=parallel_cfg.pp,
+        expert_model_parallel_size=parallel_cfg.ep,
+        expert_tensor_parallel_size=parallel_cfg.etp,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    # Same seed on every rank: megatron-core derives the per-rank streams (tensor-, expert- and
+    # data-parallel) from it, so results do not depend on how ranks are numbered.
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return Layout(parallel_cfg.tp, parallel_cfg.pp, parallel_cfg.ep, parallel_cfg.etp, bool(parallel_cfg.sp), dp)
+
+
+def destroy() -> None:
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

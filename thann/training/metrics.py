@@ -1,0 +1,68 @@
+"""Metrics on rank 0: one JSON object per logged step in ``<checkpoint.dir>/metrics.jsonl``,
+the same numbers on a progress bar, and optionally to wandb (offline unless asked otherwise)."""
+
+import json
+import os
+
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+
+class MetricsLogger:
+    def __init__(self, cfg, layout_description: str, is_logging_rank: bool, resume: bool = False):
+        self.enabled = is_logging_rank
+        self._bar = None
+        self._wandb = None
+        if not self.enabled:
+            return
+        os.makedirs(cfg.checkpoint.dir, exist_ok=True)
+        OmegaConf.save(cfg, os.path.join(cfg.checkpoint.dir, "config.yaml"), resolve=True)
+        self.path = os.path.join(cfg.checkpoint.dir, cfg.logging.metrics_file)
+        self._file = open(self.path, "a" if resume else "w")
+        if cfg.logging.progress:
+            self._bar = tqdm(total=cfg.train.steps, desc="train", unit="step", dynamic_ncols=True)
+        if cfg.logging.wandb.enabled:
+            try:
+                import wandb
+            except ImportError:
+                raise ImportError("logging.wandb.enabled=true but wandb is not installed: "
+                                  "pip install 'thann[wandb]' or set logging.wandb.enabled=false") from None
+
+            self._wandb = wandb.init(
+                project=cfg.logging.wandb.project,
+                name=cfg.logging.run_name,
+                mode=cfg.logging.wandb.mode,
+                dir=cfg.checkpoint.dir,
+                config={**OmegaConf.to_container(cfg, resolve=True), "layout": layout_description},
+            )
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            split = record.get("split", "train")
+            self._wandb.log({f"{split}/{k}": v for k, v in record.items() if k not in ("step", "split")},
+                            step=record["step"])
+        if self._bar is not None:
+            shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items()
+                     if k in ("loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mfu")}
+            if record.get("split") == "valid":
+                self._bar.write(f"step {record['step']}: validation loss {record['lm_loss']:.4f}")
+            else:
+                self._bar.set_postfix(shown, refresh=False)
+                self._bar.update(record["step"] - self._bar.n)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            (self._bar.write if self._bar is not None else print)(text)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        self._file.close()
