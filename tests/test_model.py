@@ -7,18 +7,20 @@ import pytest
 import torch
 
 from conftest import ROOT
+from thann.parallel import state
 
 VOCAB = 100352
 
 
 def _thann(model_cfg, seed=0):
-    from thann.models.thann.model import ThannModel, transformer_config
     from omegaconf import OmegaConf
+
+    from thann.models.thann.model import ThannModel, transformer_config
 
     torch.manual_seed(seed)
     layout = OmegaConf.create({"tp": 1, "pp": 1, "ep": 1, "etp": 1, "sp": False})
     config = transformer_config(model_cfg, layout, bf16=False, use_cpu_initialization=True)
-    return ThannModel(config, model_cfg, VOCAB, max_sequence_length=64).eval()
+    return ThannModel(config, model_cfg, VOCAB, max_sequence_length=64).to(state.device()).eval()
 
 
 def _assert_causal(outputs_before, outputs_after, t):
@@ -29,7 +31,7 @@ def _assert_causal(outputs_before, outputs_after, t):
 
 def test_learnt_tokenization_is_causal(single_rank, tiny_model_cfg):
     tokenization = _thann(tiny_model_cfg).learnt_tokenization
-    x_SBD = torch.randn(32, 2, tiny_model_cfg.hidden_size)
+    x_SBD = torch.randn(32, 2, tiny_model_cfg.hidden_size, device=state.device())
     for t in (0, 5, 30):
         perturbed = x_SBD.clone()
         perturbed[t + 1] += torch.randn_like(perturbed[t + 1])
@@ -40,8 +42,8 @@ def test_learnt_tokenization_is_causal(single_rank, tiny_model_cfg):
 
 def test_whole_model_is_causal(single_rank, tiny_model_cfg):
     model = _thann(tiny_model_cfg)
-    tokens = torch.randint(0, 100_000, (2, 48))
-    positions = torch.arange(48).expand(2, 48)
+    tokens = torch.randint(0, 100_000, (2, 48), device=state.device())
+    positions = torch.arange(48, device=state.device()).expand(2, 48)
     for t in (0, 10, 46):
         perturbed = tokens.clone()
         perturbed[:, t + 1] = (perturbed[:, t + 1] + 12345) % 100_000
@@ -54,13 +56,13 @@ def test_router_picks_4_of_16_experts_with_weights_summing_to_1(single_rank, tin
     model = _thann(tiny_model_cfg)
     router = model.decoder.layers[0].mlp.router
     assert router.config.num_moe_experts == 16 and router.topk == 4
-    hidden = torch.randn(64, 2, tiny_model_cfg.hidden_size)
+    hidden = torch.randn(64, 2, tiny_model_cfg.hidden_size, device=state.device())
     with torch.no_grad():
         probs, routing_map = router(hidden)
     assert routing_map.shape == (128, 16)
     assert (routing_map.sum(dim=-1) == 4).all()
     assert (probs[~routing_map] == 0).all()
-    torch.testing.assert_close(probs.sum(dim=-1), torch.ones(128), rtol=0, atol=1e-6)
+    torch.testing.assert_close(probs.sum(dim=-1), torch.ones_like(probs[:, 0]), rtol=0, atol=1e-6)
 
 
 def test_thann_800m_has_800m_parameters_within_5_percent():

@@ -49,15 +49,15 @@ def initialize(parallel_cfg, dp: int, seed: int, timeout_minutes: int = 10) -> L
     """Joins the process group, builds megatron-core's groups and seeds every RNG stream."""
     cpu.install()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        timeout = datetime.timedelta(minutes=timeout_minutes)
+        options = {"timeout": datetime.timedelta(minutes=timeout_minutes), "backend": "gloo"}
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            local_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(local_device)
+            options.update(backend="nccl", device_id=local_device)
         if "RANK" in os.environ:  # torchrun / srun: rendezvous from the environment
-            dist.init_process_group(backend=backend, timeout=timeout)
+            dist.init_process_group(**options)
         else:  # plain `python`: a world of one
-            dist.init_process_group(backend=backend, timeout=timeout, rank=0, world_size=1,
-                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
+            dist.init_process_group(**options, rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel_cfg.tp,
         pipeline_model_parallel_size=parallel_cfg.pp,
