@@ -43,7 +43,7 @@ def run_pretrain(overrides: list[str], nproc: int = 1, timeout: int = 240) -> su
         cmd = [sys.executable, os.path.join(ROOT, "pretrain_thann.py")]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               "--master-port=0", os.path.join(ROOT, "pretrain_thann.py")]
+               "--standalone", os.path.join(ROOT, "pretrain_thann.py")]
     env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
     return subprocess.run(cmd + ["logging.wandb.enabled=false", "logging.progress=false", *overrides],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)

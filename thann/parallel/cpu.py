@@ -97,6 +97,20 @@ def install() -> None:
         return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
 
     torch.Tensor.type = cuda_named_type
+    # 6. Tensor.cuda(): with tied embeddings the first and last pipeline stages synchronise the
+    #    shared weight via weight.data.cuda() ("Torch not compiled with CUDA enabled").
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    # 7. Expert-parallel all-to-all: the dispatcher turns its split sizes into numpy arrays only
+    #    when they live on a GPU; CPU tensors reach all_to_all_single, whose binding takes plain
+    #    sequences ("all_to_all_single(): incompatible function arguments").
+    original_all_to_all_single = torch.distributed.all_to_all_single
+
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, *args, **kwargs):
+        as_list = lambda sizes: sizes.tolist() if torch.is_tensor(sizes) else sizes  # noqa: E731
+        return original_all_to_all_single(output, input, as_list(output_split_sizes),
+                                          as_list(input_split_sizes), *args, **kwargs)
+
+    torch.distributed.all_to_all_single = all_to_all_single
 
 
 def _fix_missing_transformer_engine() -> None:

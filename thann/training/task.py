@@ -4,8 +4,8 @@ A task builds its model for a pipeline stage, turns a micro-batch into (output, 
 for megatron-core's pipeline schedules, and supplies its data. Pretraining THANN is one task;
 contrastive pretraining, PPO and the small variant models are others on the same loop.
 
-Loss functions follow megatron-core's per-token convention: ``loss_fn(output)`` returns
-``(loss_sum, num_tokens, report)`` where ``report`` maps each name in ``report_keys`` to a
+Loss functions follow megatron-core's convention: ``loss_fn(output)`` returns
+``(loss_sum, num_tokens, report)`` (the schedule divides by num_tokens), where ``report`` maps each name in ``report_keys`` to a
 2-element tensor [sum, count]; the trainer logs sum/count over the whole global batch.
 """
 

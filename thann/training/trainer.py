@@ -82,7 +82,7 @@ class Trainer:
             forward_only=forward_only,
         )
 
-    def _reduce_reports(self, reports: list[dict]) -> dict[str, float]:
+    def reduce_reports(self, reports: list[dict]) -> dict[str, float]:
         """Sums [sum, count] reports over micro-batches and data-parallel ranks. Reports exist on
         the last pipeline stage, identical on its tensor-parallel ranks: one of those counts."""
         keys = self.task.report_keys
@@ -102,17 +102,25 @@ class Trainer:
         clear_aux_losses_tracker()
         return aux
 
-    def train_step(self, batches) -> dict:
+    def forward_backward_step(self, batches) -> list[dict]:
+        """Gradients of one global batch, reduced over data-parallel ranks; returns the loss reports."""
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        start = time.perf_counter()
-        reports = self._run(batches, self.num_microbatches, forward_only=False)
+        return self._run(batches, self.num_microbatches, forward_only=False)
+
+    def optimizer_step(self) -> float:
         self.scheduler.step(increment=1)  # lr for this step: warmup reaches lr at step warmup_steps
         _, grad_norm, _ = self.optimizer.step()
         self.step += 1
         self.consumed_samples += self.cfg.train.global_batch_size
-        losses = self._reduce_reports(reports)  # .item() waits for the device: timing is complete
+        return float(grad_norm) if grad_norm is not None else math.nan
+
+    def train_step(self, batches) -> dict:
+        start = time.perf_counter()
+        reports = self.forward_backward_step(batches)
+        grad_norm = self.optimizer_step()
+        losses = self.reduce_reports(reports)  # .item() waits for the device: timing is complete
         aux_loss = self._aux_loss()
         seconds = time.perf_counter() - start
         tokens_per_s = self.cfg.train.global_batch_size * self.cfg.train.seq_length / seconds
@@ -123,7 +131,7 @@ class Trainer:
             **losses,
             "aux_loss": aux_loss,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+            "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s,
             "step_time_s": seconds,
         }
@@ -141,7 +149,7 @@ class Trainer:
         for chunk in self.model:
             chunk.train()
         clear_aux_losses_tracker()
-        losses = self._reduce_reports(reports)
+        losses = self.reduce_reports(reports)
         return {"step": self.step, "split": "valid", "loss": losses["lm_loss"], **losses}
 
     # -- the loop ---------------------------------------------------------------------------

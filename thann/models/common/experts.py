@@ -70,10 +70,12 @@ class GroupedExperts(MegatronModule):
             _initialize_affine_weight_gpu(
                 self.fc2_weight, config.output_layer_init_method, partition_dim=1, is_expert=True
             )
-        expert_parallel = config.expert_model_parallel_size > 1
         for weight in (self.fc1_weight, self.fc2_weight):
-            # megatron-core DDP reduces expert-parallel weights over the expert-data-parallel group.
-            weight.allreduce = not expert_parallel
+            # Always an expert parameter for megatron-core's DDP, so its gradient is reduced over
+            # the expert-data-parallel group: with expert_tensor_parallel_size 1 under tensor
+            # parallelism, the tp ranks run the same experts on different tokens and that group
+            # (not the dense data-parallel group) is the one holding all replicas.
+            weight.allreduce = False
 
     def _activation(self, h_TGF: torch.Tensor) -> torch.Tensor:
         if self.config.gated_linear_unit:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from thann.models.thann.spec import thann_layer_spec
+from thann.models.thann.spec import thann_block_spec
 from thann.models.thann.tokenization import LearntTokenization, TokenizationConfig
 
 
@@ -19,7 +19,7 @@ class ThannModel(GPTModel):
                  pre_process: bool = True, post_process: bool = True, vp_stage=None):
         super().__init__(
             config=config,
-            transformer_layer_spec=thann_layer_spec(model_cfg.num_experts, model_cfg.use_te),
+            transformer_layer_spec=thann_block_spec(config, model_cfg.use_te, vp_stage),
             vocab_size=vocab_size,
             max_sequence_length=max_sequence_length,
             pre_process=pre_process,
@@ -82,7 +82,11 @@ def transformer_config(model_cfg, parallel_cfg, *, bf16: bool, use_cpu_initializ
         bf16=bf16,
         use_cpu_initialization=use_cpu_initialization,
         perform_initialization=perform_initialization,
-        calculate_per_token_loss=True,
+        # Loss = mean over each micro-batch's tokens, averaged over micro-batches and data-parallel
+        # ranks: equal to the global token mean because every micro-batch holds the same number
+        # of full-length sequences. (megatron-core's per-token mode scales the MoE auxiliary-loss
+        # gradient by the rank's local token count, which sequence parallelism divides by tp.)
+        calculate_per_token_loss=False,
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,

@@ -14,8 +14,8 @@ from thann.parallel import state
 
 
 def lm_loss(loss_mask: torch.Tensor, token_losses: torch.Tensor):
-    """Per-token cross entropy (computed by the model's vocab-parallel softmax) summed over the
-    tokens that count; megatron-core divides by the global token count."""
+    """Per-token cross entropy (from the model's vocab-parallel softmax) summed over the tokens
+    that count; megatron-core's schedule divides by ``num_tokens`` and the micro-batch count."""
     loss_mask = loss_mask.float()
     loss_sum = (token_losses.float() * loss_mask).sum()
     num_tokens = loss_mask.sum().to(torch.int)

@@ -14,6 +14,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from thann.models.common.attention import SDPAttention
@@ -43,13 +44,20 @@ def self_attention_spec() -> ModuleSpec:
     )
 
 
-def thann_layer_spec(num_experts: int, use_te: bool = False) -> ModuleSpec:
+def thann_block_spec(config, use_te: bool = False, vp_stage=None) -> TransformerBlockSubmodules:
+    """This pipeline stage's layers, and the final norm (megatron-core's default for it, without
+    apex or transformer-engine, is a torch norm that refuses sequence parallelism)."""
     if use_te:
         if not transformer_engine_available():
             raise ValueError("model.use_te=true but transformer_engine is not importable")
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-        return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=True)
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=True, vp_stage=vp_stage)
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[thann_layer_spec()] * num_layers, layer_norm=Norm)
+
+
+def thann_layer_spec() -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(

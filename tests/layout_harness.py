@@ -1,0 +1,52 @@
+"""Runs the first steps of a tiny THANN in one parallel layout and records what the layout tests
+compare with the single-rank run. Started by tests/test_parallel.py through torchrun:
+
+    python tests/layout_harness.py INIT OUT [hydra overrides]
+
+INIT: full (unsharded) initial weights; written by the first run (a single rank) if missing, so
+every layout starts from the same weights. OUT (rank 0): the first step's loss, its full gradient
+gathered into the single-rank layout, the grad norm and the training losses of 6 steps.
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from hydra import compose, initialize_config_dir
+
+from thann.checkpoint.full_state import gather_full, load_full, model_sharded_tensors
+from thann.cli import CONFIG_DIR
+from thann.models.thann.pretrain import PretrainTask
+from thann.parallel import state
+from thann.training.trainer import Trainer
+
+
+def main(init_path: str, out_path: str, overrides: list[str]) -> None:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    trainer = Trainer(cfg, PretrainTask)
+    tensors = model_sharded_tensors(trainer.model)
+    if not os.path.exists(init_path):
+        if dist.get_world_size() != 1:
+            raise SystemExit("the initial weights must come from a single-rank run")
+        torch.save(gather_full(tensors), init_path)
+    load_full(tensors, torch.load(init_path))
+    trainer.optimizer.reload_model_params()
+
+    batches = trainer.task.train_batches(0)
+    reports = trainer.forward_backward_step(batches)
+    first_loss = trainer.reduce_reports(reports)["lm_loss"]
+    gradients = None
+    if not cfg.parallel.distributed_optimizer:  # ZeRO-1 keeps only this rank's shard of the gradient
+        gradients = gather_full(tensors, value=lambda t: t.data.main_grad)
+    grad_norm = trainer.optimizer_step()
+    losses = [first_loss] + [trainer.train_step(batches)["lm_loss"] for _ in range(5)]
+    if dist.get_rank() == 0:
+        torch.save({"first_loss": first_loss, "gradients": gradients, "grad_norm": grad_norm, "losses": losses},
+                   out_path)
+    state.destroy()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])
