@@ -22,7 +22,10 @@ def _run_pretraining(cfg: DictConfig) -> None:
     try:
         trainer = Trainer(cfg, PretrainTask)
     except ConfigError as e:
-        print(f"[rank {os.environ.get('RANK', '0')}] {e}", file=sys.stderr)
+        # Every rank runs the same checks on the same config, so every rank stops here, before
+        # any collective; one of them says why.
+        if os.environ.get("RANK", "0") == "0":
+            print(e, file=sys.stderr)
         sys.exit(2)
     trainer.fit()
     state.destroy()

@@ -52,11 +52,6 @@ def check_parallel(parallel: DictConfig, model: DictConfig, world_size: int) -> 
     for field in ("tp", "pp", "ep", "etp"):
         _require(int(parallel[field]) >= 1, f"parallel.{field}", parallel[field], "must be >= 1")
     tp, pp, ep, etp = parallel.tp, parallel.pp, parallel.ep, parallel.etp
-    _require(world_size % (tp * pp) == 0, "parallel.tp", tp,
-             f"tp*pp={tp * pp} must divide the world size {world_size}")
-    dp = world_size // (tp * pp)
-    _require((world_size // pp) % (etp * ep) == 0, "parallel.ep", ep,
-             f"ep*etp={ep * etp} must divide the ranks of one pipeline stage ({world_size // pp})")
     _require(model.num_attention_heads % tp == 0, "parallel.tp", tp,
              f"must divide model.num_attention_heads={model.num_attention_heads}")
     _require(model.num_query_groups % tp == 0, "parallel.tp", tp,
@@ -64,7 +59,13 @@ def check_parallel(parallel: DictConfig, model: DictConfig, world_size: int) -> 
     _require(model.num_experts % ep == 0, "parallel.ep", ep, f"must divide model.num_experts={model.num_experts}")
     _require(model.moe_ffn_hidden_size % etp == 0, "parallel.etp", etp,
              f"must divide model.moe_ffn_hidden_size={model.moe_ffn_hidden_size}")
-    _require(pp <= model.num_layers, "parallel.pp", pp, f"exceeds model.num_layers={model.num_layers}")
+    _require(model.num_layers % pp == 0, "parallel.pp", pp,
+             f"must divide model.num_layers={model.num_layers} (each stage holds the same number of layers)")
+    _require(world_size % (tp * pp) == 0, "parallel.tp", tp,
+             f"tp*pp={tp * pp} must divide the world size {world_size}")
+    dp = world_size // (tp * pp)
+    _require((world_size // pp) % (etp * ep) == 0, "parallel.ep", ep,
+             f"ep*etp={ep * etp} must divide the ranks of one pipeline stage ({world_size // pp})")
     _require(not parallel.sp or tp > 1, "parallel.sp", parallel.sp, "sequence parallelism needs parallel.tp > 1")
     # megatron-core routes MoE tokens under tensor parallelism only with sequence parallelism.
     _require(tp == 1 or parallel.sp, "parallel.sp", parallel.sp, "MoE with parallel.tp > 1 needs parallel.sp=true")
