@@ -21,6 +21,7 @@ from megatron.core.transformer.moe.moe_utils import (
 from omegaconf import DictConfig
 
 from thann import config as config_checks
+from thann.checkpoint.checkpointer import Checkpointer
 from thann.parallel import state
 from thann.training.metrics import MetricsLogger
 from thann.training.optimizer import build_optimizer
@@ -67,7 +68,10 @@ class Trainer:
         self.step = 0
         self.consumed_samples = 0
         self.forward_backward = get_forward_backward_func()
-        self.metrics = MetricsLogger(cfg, self.layout.describe(), is_logging_rank=dist.get_rank() == 0)
+        self.checkpointer = Checkpointer(cfg.checkpoint, self)
+        self.resumed_from = self.checkpointer.resume()
+        self.metrics = MetricsLogger(cfg, self.layout.describe(), is_logging_rank=dist.get_rank() == 0,
+                                     resume=self.resumed_from is not None)
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -157,17 +161,26 @@ class Trainer:
     def fit(self) -> list[dict]:
         cfg = self.cfg.train
         self.metrics.message(f"THANN: layout {self.layout.describe()}, {self.num_microbatches} micro-batches/step")
-        history = [self.evaluate()]
-        self.metrics.log(history[-1])
+        history = []
+        if self.resumed_from is None:
+            history.append(self.evaluate())
+            self.metrics.log(history[-1])
+        else:
+            self.metrics.message(f"resumed from {self.resumed_from} at step {self.step}")
         batches = self.task.train_batches(self.consumed_samples)
-        while self.step < cfg.steps:
+        save = self.cfg.checkpoint.save
+        interval = self.cfg.checkpoint.interval
+        last = min(cfg.steps, cfg.stop_after_step or cfg.steps)
+        while self.step < last:
             record = self.train_step(batches)
             history.append(record)
-            if self.step % self.cfg.logging.log_interval == 0 or self.step == cfg.steps:
+            if self.step % self.cfg.logging.log_interval == 0 or self.step == last:
                 self.metrics.log(record)
             if self.step % cfg.eval_interval == 0 or self.step == cfg.steps:
                 history.append(self.evaluate())
                 self.metrics.log(history[-1])
+            if save and ((interval and self.step % interval == 0) or self.step == last):
+                self.metrics.message(f"saved {self.checkpointer.save()}")
         self.task.on_train_end(self.model, self.metrics.message)
         self.metrics.close()
         return history
