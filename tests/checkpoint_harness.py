@@ -1,6 +1,7 @@
-"""Trains like pretrain_thann.py (resuming from checkpoint.dir when it holds a checkpoint) and,
-right after building and resuming, writes the full model weights gathered into the single-rank
-layout (rank 0) to OUT:  python tests/checkpoint_harness.py OUT [hydra overrides]"""
+"""Trains like pretrain_thann.py (resuming when checkpoint.dir holds a checkpoint) and writes the
+full model weights, gathered into the single-rank layout, right after building/resuming and
+after training (rank 0):  python tests/checkpoint_harness.py PREFIX [hydra overrides]
+-> PREFIX.start.pt, PREFIX.end.pt"""
 
 import sys
 
@@ -14,12 +15,19 @@ from thann.models.thann.pretrain import PretrainTask
 from thann.parallel import state
 from thann.training.trainer import Trainer
 
+
+def dump(trainer, path: str) -> None:
+    weights = gather_full(model_sharded_tensors(trainer.model))
+    if dist.get_rank() == 0:
+        torch.save(weights, path)
+
+
 if __name__ == "__main__":
+    prefix = sys.argv[1]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=sys.argv[2:])
     trainer = Trainer(cfg, PretrainTask)
-    weights = gather_full(model_sharded_tensors(trainer.model))
-    if dist.get_rank() == 0:
-        torch.save(weights, sys.argv[1])
+    dump(trainer, f"{prefix}.start.pt")
     trainer.fit()
+    dump(trainer, f"{prefix}.end.pt")
     state.destroy()
