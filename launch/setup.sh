@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 if ! command -v nvidia-smi >/dev/null 2>&1; then
     .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
-.venv/bin/python -m pip install -q -e ".[wandb,dev]"
+.venv/bin/python -m pip install -q -e ".[wandb,tensorboard,dev]"
 
 if [ ! -f data/sharegpt_text.idx ]; then
     .venv/bin/python -m thann.data.preprocess --corpus sharegpt_text --output-prefix data/sharegpt_text --workers 2

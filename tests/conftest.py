@@ -38,14 +38,14 @@ def tiny_corpus(tmp_path_factory) -> str:
     return prefix
 
 
-def run_pretrain(overrides: list[str], nproc: int = 1, timeout: int = 240) -> subprocess.CompletedProcess:
+def run_pretrain(overrides: list[str], nproc: int = 1, timeout: int = 240, wandb: bool = False):
     if nproc == 1:
         cmd = [sys.executable, os.path.join(ROOT, "pretrain_thann.py")]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                "--standalone", os.path.join(ROOT, "pretrain_thann.py")]
     env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
-    return subprocess.run(cmd + ["logging.wandb.enabled=false", "logging.progress=false", *overrides],
+    return subprocess.run(cmd + [f"logging.wandb.enabled={str(wandb).lower()}", "logging.progress=false", *overrides],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 

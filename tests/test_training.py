@@ -60,3 +60,11 @@ def test_bad_override_fails_before_training_naming_the_field(tiny_corpus, tmp_pa
     assert out.returncode == 2
     assert f"invalid config: {field}=" in out.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+
+def test_wandb_offline_and_tensorboard_receive_the_metrics(tiny_corpus, tmp_path):
+    out = run_pretrain(tiny_run_overrides(tiny_corpus, tmp_path) + ["logging.tensorboard.enabled=true"], wandb=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "wandb").glob("offline-run-*"))

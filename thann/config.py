@@ -83,6 +83,8 @@ def check_train(train: DictConfig, dp: int) -> None:
              "must be cosine, linear or constant")
     _require(train.precision in ("auto", "bf16", "fp32"), "train.precision", train.precision,
              "must be auto, bf16 or fp32")
+    _require(train.on_nonfinite_loss in ("stop", "skip"), "train.on_nonfinite_loss", train.on_nonfinite_loss,
+             "must be stop or skip")
     _require(train.stop_after_step is None or 0 < train.stop_after_step <= train.steps, "train.stop_after_step",
              train.stop_after_step, "must be null or in [1, train.steps]")
     per_step = train.micro_batch_size * dp

@@ -67,6 +67,10 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+class NonFiniteWeights(RuntimeError):
+    pass
+
+
 class Checkpointer:
     def __init__(self, cfg, trainer):
         if cfg.format not in FORMATS:
@@ -109,8 +113,16 @@ class Checkpointer:
 
     # -- save -----------------------------------------------------------------------------------
 
+    def _weights_finite(self) -> bool:
+        finite = torch.tensor([1.0 if all(torch.isfinite(p).all() for p in self.trainer.model[0].parameters())
+                               else 0.0], device=next(self.trainer.model[0].parameters()).device)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
     def save(self) -> str:
         step = self.trainer.step
+        if not self._weights_finite():
+            raise NonFiniteWeights(f"refusing to save step {step}: the model has NaN/inf weights")
         final = iteration_dir(self.cfg.dir, step)
         tmp = final + ".tmp"
         rank = dist.get_rank()

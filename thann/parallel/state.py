@@ -55,7 +55,13 @@ def initialize(parallel_cfg, dp: int, seed: int, timeout_minutes: int = 10) -> L
             torch.cuda.set_device(local_device)
             options.update(backend="nccl", device_id=local_device)
         if "RANK" in os.environ:  # torchrun / srun: rendezvous from the environment
-            dist.init_process_group(**options)
+            store, rank, world_size = next(dist.rendezvous("env://", timeout=options["timeout"]))
+            # After a failure torchrun (--max-restarts) starts new ranks on the same store; keys
+            # left by the dead attempt (peers' addresses) would be read as current. One key
+            # space per attempt.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"thann/attempt_{attempt}", store)
+            dist.init_process_group(**options, store=store, rank=rank, world_size=world_size)
         else:  # plain `python`: a world of one
             dist.init_process_group(**options, rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
     parallel_state.initialize_model_parallel(

@@ -1,5 +1,6 @@
 """Metrics on rank 0: one JSON object per logged step in ``<checkpoint.dir>/metrics.jsonl``,
-the same numbers on a progress bar, and optionally to wandb (offline unless asked otherwise)."""
+the same numbers on a progress bar, and optionally to wandb (offline unless asked otherwise)
+and TensorBoard (``<checkpoint.dir>/tensorboard``)."""
 
 import json
 import os
@@ -13,6 +14,7 @@ class MetricsLogger:
         self.enabled = is_logging_rank
         self._bar = None
         self._wandb = None
+        self._tensorboard = None
         if not self.enabled:
             return
         os.makedirs(cfg.checkpoint.dir, exist_ok=True)
@@ -35,16 +37,21 @@ class MetricsLogger:
                 dir=cfg.checkpoint.dir,
                 config={**OmegaConf.to_container(cfg, resolve=True), "layout": layout_description},
             )
+        if cfg.logging.tensorboard.enabled:
+            self._open_tensorboard(cfg, layout_description)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        split = record.get("split", "train")
+        scalars = {f"{split}/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self._wandb is not None:
-            split = record.get("split", "train")
-            self._wandb.log({f"{split}/{k}": v for k, v in record.items() if k not in ("step", "split")},
-                            step=record["step"])
+            self._wandb.log(scalars, step=record["step"])
+        if self._tensorboard is not None:
+            for name, value in scalars.items():
+                self._tensorboard.add_scalar(name, value, record["step"])
         if self._bar is not None:
             shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items()
                      if k in ("loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mfu")}
@@ -54,6 +61,15 @@ class MetricsLogger:
                 self._bar.set_postfix(shown, refresh=False)
                 self._bar.update(record["step"] - self._bar.n)
 
+    def _open_tensorboard(self, cfg, layout_description: str) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ImportError("logging.tensorboard.enabled=true but tensorboard is not installed: "
+                              "pip install 'thann[tensorboard]'") from None
+        self._tensorboard = SummaryWriter(os.path.join(cfg.checkpoint.dir, "tensorboard"))
+        self._tensorboard.add_text("config", f"layout {layout_description}\n\n" + OmegaConf.to_yaml(cfg))
+
     def message(self, text: str) -> None:
         if self.enabled:
             (self._bar.write if self._bar is not None else print)(text)
@@ -61,6 +77,8 @@ class MetricsLogger:
     def close(self) -> None:
         if not self.enabled:
             return
+        if self._tensorboard is not None:
+            self._tensorboard.close()
         if self._bar is not None:
             self._bar.close()
         if self._wandb is not None:

@@ -25,6 +25,7 @@ from thann.checkpoint.checkpointer import Checkpointer
 from thann.parallel import state
 from thann.training.metrics import MetricsLogger
 from thann.training.optimizer import build_optimizer
+from thann.training.signals import StopRequest
 
 
 def use_bf16(train_cfg) -> bool:
@@ -52,6 +53,10 @@ def wrap_model(task, transformer_config, layout, distributed_optimizer: bool) ->
     return [model]
 
 
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, make_task):
         dp = config_checks.check(cfg, state.world_size_from_env())
@@ -72,6 +77,8 @@ class Trainer:
         self.resumed_from = self.checkpointer.resume()
         self.metrics = MetricsLogger(cfg, self.layout.describe(), is_logging_rank=dist.get_rank() == 0,
                                      resume=self.resumed_from is not None)
+        self.stop_request = StopRequest(state.device())
+        self.stopped_by_signal = False
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -113,9 +120,12 @@ class Trainer:
         self.optimizer.zero_grad()
         return self._run(batches, self.num_microbatches, forward_only=False)
 
-    def optimizer_step(self) -> float:
+    def optimizer_step(self, skip: bool = False) -> float:
+        """Applies the update (unless ``skip``); the step and the data position advance either way."""
         self.scheduler.step(increment=1)  # lr for this step: warmup reaches lr at step warmup_steps
-        _, grad_norm, _ = self.optimizer.step()
+        grad_norm = None
+        if not skip:
+            _, grad_norm, _ = self.optimizer.step()
         self.step += 1
         self.consumed_samples += self.cfg.train.global_batch_size
         return float(grad_norm) if grad_norm is not None else math.nan
@@ -123,8 +133,12 @@ class Trainer:
     def train_step(self, batches) -> dict:
         start = time.perf_counter()
         reports = self.forward_backward_step(batches)
-        grad_norm = self.optimizer_step()
-        losses = self.reduce_reports(reports)  # .item() waits for the device: timing is complete
+        losses = self.reduce_reports(reports)  # .item() waits for the device
+        finite = math.isfinite(losses["lm_loss"])
+        if not finite and self.cfg.train.on_nonfinite_loss == "stop":
+            raise NonFiniteLoss(f"non-finite loss ({losses['lm_loss']}) at step {self.step + 1}; "
+                                "train.on_nonfinite_loss=skip would skip such steps")
+        grad_norm = self.optimizer_step(skip=not finite)
         aux_loss = self._aux_loss()
         seconds = time.perf_counter() - start
         tokens_per_s = self.cfg.train.global_batch_size * self.cfg.train.seq_length / seconds
@@ -139,6 +153,8 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "step_time_s": seconds,
         }
+        if not finite:
+            record["skipped"] = True
         if torch.cuda.is_available():
             flops = self.task.flops_per_token * tokens_per_s / dist.get_world_size()
             record["mfu"] = flops / (self.cfg.logging.peak_tflops * 1e12)
@@ -179,8 +195,15 @@ class Trainer:
             if self.step % cfg.eval_interval == 0 or self.step == cfg.steps:
                 history.append(self.evaluate())
                 self.metrics.log(history[-1])
-            if save and ((interval and self.step % interval == 0) or self.step == last):
+            stop = self.stop_request.agreed()
+            if save and (stop or (interval and self.step % interval == 0) or self.step == last):
                 self.metrics.message(f"saved {self.checkpointer.save()}")
+            if stop:
+                self.metrics.message(f"stopped by {self.stop_request.signal or 'a signal on another rank'} "
+                                     f"after step {self.step}; start again to resume")
+                self.stopped_by_signal = True
+                self.metrics.close()
+                return history
         self.task.on_train_end(self.model, self.metrics.message)
         self.metrics.close()
         return history
