@@ -15,7 +15,7 @@ import os
 import random
 import shutil
 import time
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 import torch
@@ -46,6 +46,13 @@ def latest_checkpoint(root: str) -> str | None:
 def read_metadata(path: str) -> dict:
     with open(os.path.join(path, "thann.json")) as f:
         return json.load(f)
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:  # e.g. THANN run from a source tree on PYTHONPATH
+        return "not installed"
 
 
 def _rng_state() -> dict:
@@ -107,7 +114,7 @@ class Checkpointer:
             "world_size": dist.get_world_size(),
             "tokenizer": t.cfg.data.tokenizer,
             "config": OmegaConf.to_container(t.cfg, resolve=True),
-            "versions": {name: version(name) for name in ("thann", "megatron-core", "torch")},
+            "versions": {name: _version(name) for name in ("thann", "megatron-core", "torch")},
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
