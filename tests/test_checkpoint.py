@@ -37,6 +37,19 @@ def test_resume_continues_bitwise_exactly(tiny_corpus, tmp_path, fmt):
     assert _train_losses(tmp_path / "split") == _train_losses(tmp_path / "straight")
 
 
+def test_resume_with_the_distributed_optimizer_on_two_ranks(tiny_corpus, tmp_path):
+    """ZeRO-1 optimizer state is saved in model space and reloaded: the resumed run matches."""
+    def overrides(name):
+        return tiny_run_overrides(tiny_corpus, tmp_path / name, steps=6) + [
+            "parallel.distributed_optimizer=true", "train.eval_interval=3"]
+    assert run_pretrain(overrides("straight"), nproc=2).returncode == 0
+    first = run_pretrain(overrides("split") + ["train.stop_after_step=3"], nproc=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_pretrain(overrides("split"), nproc=2)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert _train_losses(tmp_path / "split") == _train_losses(tmp_path / "straight")
+
+
 def _harness(tmp_path, corpus, nproc, run_dir, prefix, extra=()):
     overrides = tiny_run_overrides(corpus, run_dir, steps=4) + [
         "model.tokenization.dropout=0.0", "train.eval_interval=100", "logging.wandb.enabled=false",

@@ -25,6 +25,7 @@ from megatron.core.utils import unwrap_model
 from omegaconf import OmegaConf
 
 from thann.checkpoint import zarr_store
+from thann.training.optimizer import unshare_adam_steps
 
 FORMATS = ("zarr", "torch_dist")
 LATEST = "latest"
@@ -180,6 +181,7 @@ class Checkpointer:
             loaded = dist_checkpointing.load(state, path)
         unwrap_model(t.model[0]).load_state_dict(loaded["model"])
         t.optimizer.load_state_dict(loaded["optimizer"])
+        unshare_adam_steps(t.optimizer)
         t.scheduler.load_state_dict(loaded["scheduler"])
         t.step = loaded["train"]["step"]
         t.consumed_samples = loaded["train"]["consumed_samples"]

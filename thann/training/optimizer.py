@@ -1,7 +1,20 @@
 """megatron-core's optimizer (Adam, fp32 master weights under bf16, optional ZeRO-1 distributed
-optimizer, gradient clipping) and its warmup + decay learning-rate schedule."""
+optimizer, gradient clipping) and its warmup + decay learning-rate schedule.
 
+Without transformer-engine or apex megatron-core falls back to torch's Adam, whose per-parameter
+state (with its "step") appears only at the first update. Two consequences in megatron-core's
+distributed optimizer (0.16 to 0.19) are handled here: its state_dict() asserts on a fresh
+optimizer, so the state is created up front (exactly what Adam's first step would create), and
+loading the model-space ("fully_reshardable") checkpoint form copies every state tensor it finds,
+the step included, from a source that has none (KeyError: 'step'), so the step is set aside
+during that copy; megatron-core then restores the step from the param groups as one tensor
+shared by every parameter, which torch's foreach Adam would increment once per parameter, so
+each parameter gets its own copy back (``unshare_adam_steps``, after loading).
+"""
+
+import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 
@@ -19,6 +32,7 @@ def build_optimizer(train_cfg, distributed_optimizer: bool, model_chunks, bf16: 
         use_distributed_optimizer=distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, model_chunks)
+    _create_adam_state(optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
@@ -33,3 +47,41 @@ def build_optimizer(train_cfg, distributed_optimizer: bool, model_chunks, bf16: 
         wd_incr_style="constant",
     )
     return optimizer, scheduler
+
+
+def _create_adam_state(optimizer) -> None:
+    for megatron_optimizer in getattr(optimizer, "chained_optimizers", [optimizer]):
+        adam = megatron_optimizer.optimizer
+        for group in adam.param_groups:
+            for p in group["params"]:
+                if not adam.state[p]:
+                    adam.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                     "exp_avg_sq": torch.zeros_like(p)}
+
+
+def unshare_adam_steps(optimizer) -> None:
+    for megatron_optimizer in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in megatron_optimizer.optimizer.state.values():
+            if "step" in state:
+                state["step"] = state["step"].clone()
+
+
+def _load_states_without_step(set_states):
+    def load(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        step = state.pop("step", None)
+        try:
+            set_states(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    load.thann_wrapped = True
+    return load
+
+
+if not getattr(DistributedOptimizer._set_main_param_and_optimizer_states, "thann_wrapped", False):
+    DistributedOptimizer._set_main_param_and_optimizer_states = _load_states_without_step(
+        DistributedOptimizer._set_main_param_and_optimizer_states
+    )

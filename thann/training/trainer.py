@@ -34,7 +34,7 @@ def use_bf16(train_cfg) -> bool:
     return train_cfg.precision == "bf16"
 
 
-def wrap_model(task, transformer_config, layout, distributed_optimizer: bool) -> list:
+def wrap_model(task, transformer_config, distributed_optimizer: bool) -> list:
     """Builds this rank's pipeline stage of the task's model and wraps it for training."""
     model = task.build_model(
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -65,7 +65,7 @@ class Trainer:
         self.bf16 = use_bf16(cfg.train)
         self.task = make_task(cfg, self.layout, self.bf16)
         self.config = self.task.transformer_config
-        self.model = wrap_model(self.task, self.config, self.layout, cfg.parallel.distributed_optimizer)
+        self.model = wrap_model(self.task, self.config, cfg.parallel.distributed_optimizer)
         self.optimizer, self.scheduler = build_optimizer(
             cfg.train, cfg.parallel.distributed_optimizer, self.model, self.bf16
         )
