@@ -55,7 +55,7 @@ def read_metrics(run_dir) -> list[dict]:
 
 
 def tiny_run_overrides(corpus: str, run_dir, steps: int = 4) -> list[str]:
-    return [f"data.path={corpus}", f"checkpoint.dir={run_dir}", f"train.steps={steps}", "train.warmup_steps=1",
+    return [f"data.paths=[{corpus}]", f"checkpoint.dir={run_dir}", f"train.steps={steps}", "train.warmup_steps=1",
             "train.eval_interval=2", "train.eval_iters=1", "train.micro_batch_size=2", "train.global_batch_size=4",
             "train.seq_length=64", "train.sample.new_tokens=2"]
 

@@ -24,7 +24,7 @@ TRAIN = ["train.steps=6", "train.warmup_steps=1", "train.micro_batch_size=2", "t
 
 def _run(tmp_path, corpus, nproc: int, layout: list[str], name: str) -> dict:
     out = tmp_path / f"{name}.pt"
-    overrides = MODEL + TRAIN + layout + [f"data.path={corpus}", f"checkpoint.dir={tmp_path / name}",
+    overrides = MODEL + TRAIN + layout + [f"data.paths=[{corpus}]", f"checkpoint.dir={tmp_path / name}",
                                           "logging.wandb.enabled=false", "logging.progress=false"]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
            HARNESS, str(tmp_path.parent / "init.pt"), str(out), *overrides]

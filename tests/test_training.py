@@ -50,7 +50,9 @@ def test_validation_loss_drops_by_more_than_one_nat(tiny_corpus, tmp_path):
 
 @pytest.mark.parametrize("override, field", [
     ("model.num_attention_heads=15", "model.num_attention_heads"),
-    ("data.path=/nonexistent/corpus", "data.path"),
+    ("data.paths=[/nonexistent/corpus]", "data.paths[0]"),
+    ("data.weights=[0.5,0.5]", "data.weights"),
+    ("data.tokenizer.model=no_such_encoding", "data.tokenizer"),
     ("train.global_batch_size=3", "train.global_batch_size"),
     ("model.moe_router_topk=17", "model.moe_router_topk"),
     ("parallel.sp=true", "parallel.sp"),

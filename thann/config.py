@@ -5,6 +5,8 @@ as an assertion deep inside megatron-core (or a hang in a collective on some ran
 """
 
 import os
+import warnings
+from collections.abc import Sequence
 
 from omegaconf import DictConfig
 
@@ -93,11 +95,43 @@ def check_train(train: DictConfig, dp: int) -> None:
 
 
 def check_data(data: DictConfig) -> None:
-    prefix = data.path
-    missing = [p for p in (f"{prefix}.bin", f"{prefix}.idx") if not os.path.isfile(p)]
-    _require(not missing, "data.path", prefix,
-             f"no indexed dataset there (missing {', '.join(missing)}); "
-             "create it with `python -m thann.data.preprocess` (see README)")
+    from thann.data.datasets import LOSS_MASKS, dataset_tokenizer
+    from thann.data.preprocess import LOSS_MASK_SUFFIX
+    from thann.data.tokenizer import build_tokenizer
+
+    paths = data.paths
+    _require(isinstance(paths, Sequence) and not isinstance(paths, str) and len(paths) > 0, "data.paths", paths,
+             "must be a non-empty list of indexed dataset prefixes")
+    if data.weights is not None:
+        _require(isinstance(data.weights, Sequence) and len(data.weights) == len(paths), "data.weights",
+                 data.weights, f"must be null or one weight per path ({len(paths)})")
+        _require(all(float(w) > 0 for w in data.weights), "data.weights", data.weights, "must all be positive")
+    parts = str(data.split).split(",")
+    _require(len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts)
+             and float(parts[0]) > 0 and float(parts[1]) > 0, "data.split", data.split,
+             "must be 'train,valid,test' weights with positive train and valid, e.g. '98,2,0'")
+    _require(data.loss_mask in LOSS_MASKS, "data.loss_mask", data.loss_mask, f"must be one of {list(LOSS_MASKS)}")
+    try:
+        tokenizer = build_tokenizer(data.tokenizer.type, data.tokenizer.model)
+    except ValueError as e:
+        raise ConfigError("data.tokenizer", dict(data.tokenizer), str(e)) from None
+    for i, prefix in enumerate(paths):
+        field = f"data.paths[{i}]"
+        needed = [f"{prefix}.bin", f"{prefix}.idx"]
+        if data.loss_mask == "assistant":
+            needed += [f"{prefix}{LOSS_MASK_SUFFIX}.bin", f"{prefix}{LOSS_MASK_SUFFIX}.idx"]
+        missing = [p for p in needed if not os.path.isfile(p)]
+        _require(not missing, field, prefix, f"no indexed dataset there (missing {', '.join(missing)}); create it "
+                 "with `python -m thann.data.preprocess`" + (" --loss-mask" if data.loss_mask == "assistant" else ""))
+        recorded = dataset_tokenizer(prefix)
+        if recorded is None:
+            warnings.warn(f"{field}={prefix!r} has no {prefix}.json recording its tokenizer; "
+                          f"assuming it was made with {tokenizer.identity['model']}")
+            continue
+        _require(recorded.get("fingerprint") == tokenizer.fingerprint, field, prefix,
+                 f"was tokenized with {recorded.get('type')}:{recorded.get('model')} ({recorded.get('fingerprint')}), "
+                 f"but the run uses data.tokenizer={data.tokenizer.type}:{data.tokenizer.model} "
+                 f"({tokenizer.fingerprint}); set data.tokenizer to match or preprocess the data again")
 
 
 def check(cfg: DictConfig, world_size: int) -> int:

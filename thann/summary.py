@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from thann.cli import CONFIG_DIR
-from thann.data.tokenizer import Tokenizer, padded_vocab_size
+from thann.data.tokenizer import build_tokenizer, padded_vocab_size
 from thann.models.thann.model import ThannModel, transformer_config
 from thann.models.thann.size import model_size
 from thann.parallel import state
@@ -34,7 +34,8 @@ def meta_parameter_counts(model_cfg, vocab_size: int) -> tuple[int, int]:
 def main(overrides: list[str]) -> None:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    vocab_size = padded_vocab_size(Tokenizer(cfg.data.tokenizer).vocab_size, tensor_parallel_size=1)
+    vocab_size = padded_vocab_size(
+        build_tokenizer(cfg.data.tokenizer.type, cfg.data.tokenizer.model).vocab_size, tensor_parallel_size=1)
     total, experts = meta_parameter_counts(cfg.model, vocab_size)
     size = model_size(cfg.model, vocab_size)
     if (total, experts) != (size.total, size.experts):

@@ -16,7 +16,7 @@ RUN=checkpoints/slurm-ci
 rm -rf "$RUN" checkpoints/slurm-ci-*.out
 echo "submitting launch/slurm/train.sbatch (2 processes)"
 GPUS_PER_NODE=2 OMP_NUM_THREADS=1 sbatch --wait --job-name=slurm-ci --cpus-per-task=2 --mem=8G \
-    launch/slurm/train.sbatch data.path=data/sharegpt_text train.steps=6 train.warmup_steps=1 \
+    launch/slurm/train.sbatch train.steps=6 train.warmup_steps=1 \
     train.eval_interval=3 train.eval_iters=1 train.micro_batch_size=2 train.global_batch_size=4 \
     train.seq_length=64 train.sample.new_tokens=4 logging.wandb.enabled=false
 echo "--- job log"
@@ -42,7 +42,7 @@ PY
 RUN=checkpoints/slurm-ci-preempt
 rm -rf "$RUN" checkpoints/slurm-ci-preempt-*.out
 GPUS_PER_NODE=2 OMP_NUM_THREADS=1 sbatch --job-name=slurm-ci-preempt --cpus-per-task=2 --mem=8G \
-    launch/slurm/train.sbatch data.path=data/sharegpt_text train.steps=40 train.warmup_steps=1 \
+    launch/slurm/train.sbatch train.steps=40 train.warmup_steps=1 \
     train.eval_interval=100 train.eval_iters=1 train.micro_batch_size=2 train.global_batch_size=4 \
     train.seq_length=64 train.sample.new_tokens=2 logging.wandb.enabled=false
 for _ in $(seq 120); do

@@ -8,6 +8,7 @@ PATH is a checkpoint directory (``.../iter_0000100``) or a run directory holding
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -39,13 +40,18 @@ def array_keys(path: str) -> list[str]:
     return sorted(name for name in os.listdir(path) if os.path.exists(os.path.join(path, name, "zarr.json")))
 
 
+def _tokenizer_name(metadata: dict) -> str:
+    tokenizer = metadata["tokenizer"]
+    return "none" if tokenizer is None else f"{tokenizer['type']}:{tokenizer['model']} ({tokenizer['fingerprint']})"
+
+
 def inspect(path: str) -> None:
     metadata = read_metadata(path)
     layout = metadata["layout"]
     print(f"checkpoint {path}\n  step {metadata['step']}, consumed samples {metadata['consumed_samples']}, "
           f"format {metadata['format']}, saved {metadata['saved_at']}")
     print(f"  layout tp{layout['tp']} pp{layout['pp']} ep{layout['ep']} etp{layout['etp']} dp{layout['dp']}"
-          f"{' sp' if layout['sp'] else ''} on {metadata['world_size']} ranks; tokenizer {metadata['tokenizer']}; "
+          f"{' sp' if layout['sp'] else ''} on {metadata['world_size']} ranks; tokenizer {_tokenizer_name(metadata)}; "
           + ", ".join(f"{k} {v}" for k, v in metadata["versions"].items()))
     _zarr_only(path, metadata)
     total = 0
@@ -75,7 +81,8 @@ def export(path: str, out: str) -> None:
             continue
         array = ts.open(_array_spec(path, key)).result()
         weights[key] = _to_torch(array.read().result(), _TORCH_DTYPES[array.dtype.name]).contiguous()
-    save_file(weights, out, metadata={"step": str(metadata["step"]), "tokenizer": metadata["tokenizer"]})
+    save_file(weights, out, metadata={"step": str(metadata["step"]),
+                                            "tokenizer": json.dumps(metadata["tokenizer"])})
     print(f"wrote {out}: {len(weights)} tensors, {sum(t.numel() for t in weights.values()):,} parameters")
 
 

@@ -25,6 +25,7 @@ from megatron.core.utils import unwrap_model
 from omegaconf import OmegaConf
 
 from thann.checkpoint import zarr_store
+from thann.config import ConfigError
 from thann.training.optimizer import unshare_adam_steps
 
 FORMATS = ("zarr", "torch_dist")
@@ -113,7 +114,7 @@ class Checkpointer:
             "format": self.cfg.format,
             "layout": vars(t.layout),
             "world_size": dist.get_world_size(),
-            "tokenizer": t.cfg.data.tokenizer,
+            "tokenizer": t.task.tokenizer and t.task.tokenizer.identity,
             "config": OmegaConf.to_container(t.cfg, resolve=True),
             "versions": {name: _version(name) for name in ("thann", "megatron-core", "torch")},
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -171,9 +172,11 @@ class Checkpointer:
     def load(self, path: str) -> None:
         t = self.trainer
         metadata = read_metadata(path)
-        if metadata["tokenizer"] != t.cfg.data.tokenizer:
-            raise ValueError(f"{path} was trained with tokenizer {metadata['tokenizer']!r}, "
-                             f"this run uses data.tokenizer={t.cfg.data.tokenizer!r}")
+        saved, ours = metadata["tokenizer"], t.task.tokenizer and t.task.tokenizer.identity
+        if (saved and saved["fingerprint"]) != (ours and ours["fingerprint"]):
+            raise ConfigError("data.tokenizer", ours and f"{ours['type']}:{ours['model']}",
+                              f"the checkpoint {path} was trained with tokenizer {saved}, whose token ids mean "
+                              "other strings; use its tokenizer or another checkpoint.dir")
         state = self._sharded_state_dict(is_loading=True)
         if metadata["format"] == "zarr":
             loaded = zarr_store.load(state, path)

@@ -1,14 +1,26 @@
-"""Tokenize a corpus into megatron-core's indexed dataset (``PREFIX.bin`` + ``PREFIX.idx``).
+"""Tokenize text or chat corpora into megatron-core's indexed dataset (``PREFIX.bin`` + ``PREFIX.idx``).
 
     python -m thann.data.preprocess --corpus sharegpt_text --output-prefix data/sharegpt_text
     python -m thann.data.preprocess --input docs.jsonl --json-keys text --output-prefix data/docs
+    python -m thann.data.preprocess --input corpus_dir/ --text-documents paragraph --output-prefix data/books
+    python -m thann.data.preprocess --input chats.jsonl --loss-mask --output-prefix data/chats \\
+        --tokenizer-type huggingface --tokenizer-model tokenizers/my_bpe
 
-Every document is followed by the tokenizer's end-of-document token. Outputs are written under
-temporary names and renamed only when complete, so a half-written dataset never looks finished.
-``PREFIX.json`` records the tokenizer and the counts next to the data.
+Inputs (files or directories, forms in ``thann.data.readers``): plain text, JSON lines or a JSON
+array with a text key or chat records (smoltalk ``messages`` / ShareGPT ``conversations``,
+rendered with the ChatML template of ``thann.data.chat``), parquet. Each document is followed
+by the end-of-document token. ``--loss-mask`` also writes ``PREFIX_loss_mask.bin/.idx``: 1 on
+the tokens of assistant replies (every token of plain-text documents), for fine-tuning.
+
+Bad records stop the run at the first one, shown with file and line (``--on-error fail``), or
+are skipped and counted by reason in the summary (``--on-error skip``). Outputs are written
+under temporary names and renamed only when complete, ``.idx`` last (its presence marks a
+complete dataset): a failed run leaves no dataset, or the previous one intact.
+``PREFIX.json`` records the tokenizer and the summary next to the data.
 """
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -17,48 +29,79 @@ from multiprocessing import Pool
 from typing import Iterable, Iterator
 
 import numpy as np
-import torch
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from tqdm import tqdm
 
+from thann.data.chat import encode_chat
 from thann.data.corpora import CORPORA
-from thann.data.tokenizer import Tokenizer
+from thann.data.readers import TEXT_MODES, Document, InputError, Problem, read_inputs
+from thann.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
 
-_CHUNK = 256  # documents per worker task
-_tokenizer = None
-
-
-def _init_worker(tokenizer_name: str) -> None:
-    global _tokenizer
-    _tokenizer = Tokenizer(tokenizer_name)
-
-
-def _encode_chunk(texts: list[str]) -> list[list[int]]:
-    return [ids + [_tokenizer.eod] for ids in _tokenizer.encode_batch(texts)]
+ON_ERROR = ("fail", "skip")
+LOSS_MASK_SUFFIX = "_loss_mask"
+_CHUNK = 128  # documents per worker task
+_EXAMPLES = 5  # skipped records shown in the summary
+_worker = None  # per process: (tokenizer, append_eod)
 
 
-def jsonl_documents(path: str, key: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)[key]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{line_number}: not a JSON object with a {key!r} key ({e})") from None
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{line_number}: {key!r} is {type(text).__name__}, expected a string")
-            yield text
+class BadRecord(ValueError):
+    """The first bad record under ``on_error="fail"``."""
 
 
-def _chunks(documents: Iterable[str], limit: int | None) -> Iterator[list[str]]:
-    chunk, count = [], 0
-    for text in documents:
-        if limit is not None and count >= limit:
-            break
-        if text:
-            chunk.append(text)
+def _init_worker(tokenizer_type: str, tokenizer_model: str, append_eod: bool) -> None:
+    global _worker
+    _worker = (build_tokenizer(tokenizer_type, tokenizer_model), append_eod)
+
+
+def _encode(documents: list[Document]) -> list[tuple[list[int], list[int]]]:
+    """(token ids, loss mask) per document."""
+    tokenizer, append_eod = _worker
+    texts = iter(tokenizer.encode_batch([d.text for d in documents if d.text is not None]))
+    encoded = []
+    for document in documents:
+        if document.text is not None:
+            ids = next(texts) + [tokenizer.eod]
+            mask = [1] * len(ids)
+        else:
+            ids, mask = encode_chat(tokenizer, list(document.messages))
+        encoded.append((ids, mask) if append_eod else (ids[:-1], mask[:-1]))
+    return encoded
+
+
+class Skipped:
+    """Bad records skipped under ``on_error="skip"``: counts by reason and a few examples."""
+
+    def __init__(self):
+        self.counts, self.examples = collections.Counter(), []
+
+    def add(self, problem: Problem) -> None:
+        self.counts[problem.category] += 1
+        if len(self.examples) < _EXAMPLES:
+            self.examples.append(str(problem))
+
+
+def good_documents(items: Iterable[Document | Problem], on_error: str, skipped: Skipped,
+                   limit: int | None = None) -> Iterator[Document]:
+    """The documents among ``items``; a Problem raises BadRecord (``fail``) or is counted (``skip``)."""
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error={on_error!r}: expected one of {ON_ERROR}")
+    count = 0
+    for item in items:
+        if isinstance(item, Problem):
+            if on_error == "fail":
+                raise BadRecord(f"{item}\n(use --on-error skip to skip bad records and count them)")
+            skipped.add(item)
+        elif limit is None or count < limit:
             count += 1
+            yield item
+        else:
+            return
+
+
+def _chunks(documents: Iterator[Document]) -> Iterator[list[Document]]:
+    chunk = []
+    for document in documents:
+        chunk.append(document)
         if len(chunk) == _CHUNK:
             yield chunk
             chunk = []
@@ -66,49 +109,129 @@ def _chunks(documents: Iterable[str], limit: int | None) -> Iterator[list[str]]:
         yield chunk
 
 
-def preprocess(documents: Iterable[str], output_prefix: str, tokenizer_name: str = "cl100k_base",
-               workers: int = 1, limit: int | None = None) -> dict:
+def _encoded_chunks(chunks: Iterator[list[Document]], workers: int, init_args: tuple) -> Iterator[list]:
+    """Encoded chunks in input order; reading stays in this process, so a bad record is raised
+    here, at its place in the input, with at most ``2 * workers`` chunks in flight."""
+    if workers == 1:
+        _init_worker(*init_args)
+        yield from map(_encode, chunks)
+        return
+    with Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+        pending = collections.deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_encode, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _paths(prefix: str, loss_mask: bool) -> list[str]:
+    """Output files, in the order they are made visible: the token ``.idx`` last."""
+    mask = [f"{prefix}{LOSS_MASK_SUFFIX}.bin", f"{prefix}{LOSS_MASK_SUFFIX}.idx"] if loss_mask else []
+    return [*mask, f"{prefix}.bin", f"{prefix}.json", f"{prefix}.idx"]
+
+
+def preprocess(items: Iterable[Document | Problem], output_prefix: str, tokenizer_type: str = "tiktoken",
+               tokenizer_model: str = "cl100k_base", workers: int = 1, on_error: str = "fail",
+               loss_mask: bool = False, append_eod: bool = True, limit: int | None = None,
+               inputs: list[str] | None = None) -> dict:
+    """Writes the dataset and returns its summary (also saved as ``PREFIX.json``)."""
+    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    tmp_bin, tmp_idx = f"{output_prefix}.bin.tmp", f"{output_prefix}.idx.tmp"
-    builder = IndexedDatasetBuilder(tmp_bin, dtype=np.int32)
+    final = _paths(output_prefix, loss_mask)
+    tmp = {path: path + ".tmp" for path in final}
+    tokens_out = IndexedDatasetBuilder(tmp[f"{output_prefix}.bin"], dtype=DType.optimal_dtype(tokenizer.vocab_size))
+    mask_out = IndexedDatasetBuilder(tmp[final[0]], dtype=np.uint8) if loss_mask else None
+    skipped = Skipped()
     n_docs = n_tokens = 0
     start = time.perf_counter()
-    with Pool(workers, initializer=_init_worker, initargs=(tokenizer_name,)) as pool, \
-            tqdm(desc="tokenizing", unit=" docs", disable=not sys.stderr.isatty()) as bar:
-        for encoded in pool.imap(_encode_chunk, _chunks(documents, limit)):
-            for ids in encoded:
-                builder.add_document(torch.tensor(ids, dtype=torch.int32), [len(ids)])
-                n_tokens += len(ids)
-            n_docs += len(encoded)
-            bar.update(len(encoded))
-    builder.finalize(tmp_idx)
-    summary = {"tokenizer": tokenizer_name, "documents": n_docs, "tokens": n_tokens,
-               "seconds": round(time.perf_counter() - start, 2)}
-    os.replace(tmp_bin, f"{output_prefix}.bin")
-    with open(f"{output_prefix}.json", "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(tmp_idx, f"{output_prefix}.idx")  # last: its presence marks a complete dataset
+    try:
+        with tqdm(desc="tokenizing", unit=" docs", disable=not sys.stderr.isatty()) as bar:
+            chunks = _chunks(good_documents(items, on_error, skipped, limit))
+            for encoded in _encoded_chunks(chunks, workers, (tokenizer_type, tokenizer_model, append_eod)):
+                for ids, mask in encoded:
+                    tokens_out.add_document(ids, [len(ids)])  # lists go straight into numpy
+                    if mask_out:
+                        mask_out.add_document(mask, [len(mask)])
+                    n_tokens += len(ids)
+                n_docs += len(encoded)
+                bar.update(len(encoded))
+        if n_docs == 0:
+            raise InputError("no documents in the input")
+        tokens_out.finalize(tmp[f"{output_prefix}.idx"])
+        if mask_out:
+            mask_out.finalize(tmp[final[1]])
+        seconds = time.perf_counter() - start
+        summary = {"tokenizer": tokenizer.identity, "documents": n_docs, "tokens": n_tokens,
+                   "skipped": dict(skipped.counts), "skipped_examples": skipped.examples, "loss_mask": loss_mask,
+                   "append_eod": append_eod, "inputs": inputs or [], "seconds": round(seconds, 2),
+                   "tokens_per_s": round(n_tokens / seconds)}
+        with open(tmp[f"{output_prefix}.json"], "w") as f:
+            json.dump(summary, f, indent=1)
+    except BaseException:
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    # An older dataset at this prefix stops looking complete before any of its files is replaced.
+    for stale in (f"{output_prefix}.idx", *_paths(output_prefix, True)[:2]):
+        if os.path.exists(stale):
+            os.remove(stale)
+    for path in final:
+        os.replace(tmp[path], path)
     return summary
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _arguments(argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m thann.data.preprocess", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", help="a JSON-lines file with one document per line")
+    source.add_argument("--input", action="append", metavar="PATH",
+                        help="a file or a directory (recursively); may be repeated")
     source.add_argument("--corpus", choices=sorted(CORPORA), help="an offline corpus by name")
-    parser.add_argument("--json-keys", default="text", help="key of the document text in each JSON line")
-    parser.add_argument("--output-prefix", required=True)
-    parser.add_argument("--tokenizer", default="cl100k_base")
+    parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.json")
+    parser.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY",
+                        help="key (column for parquet) of the document text; chat records need none")
+    parser.add_argument("--text-documents", choices=TEXT_MODES, default="file",
+                        help="plain text: one document per file, or per blank-line-separated paragraph block")
+    parser.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="tiktoken")
+    parser.add_argument("--tokenizer-model", default="cl100k_base",
+                        help="tiktoken: an encoding name; huggingface: tokenizer.json or a directory with it "
+                             "or with vocab.json + merges.txt")
+    parser.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
+                        help="end-of-document token after each document (default: on)")
+    parser.add_argument("--loss-mask", action="store_true",
+                        help=f"also write PREFIX{LOSS_MASK_SUFFIX}.bin/.idx (assistant turns only) for fine-tuning")
+    parser.add_argument("--on-error", choices=ON_ERROR, default="fail",
+                        help="bad records: stop at the first (default) or skip and count them")
     parser.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     parser.add_argument("--limit-documents", type=int, default=None)
     args = parser.parse_args(argv)
-    documents = CORPORA[args.corpus]() if args.corpus else jsonl_documents(args.input, args.json_keys)
+    if len(args.json_keys) != 1:
+        parser.error("--json-keys takes one key: THANN writes one dataset per run")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    return args
+
+
+def main(argv=None) -> None:
+    args = _arguments(argv)
+    if args.corpus:
+        items, inputs = CORPORA[args.corpus](), [f"corpus:{args.corpus}"]
+    else:
+        items, inputs = read_inputs(args.input, args.json_keys[0], args.text_documents), args.input
     try:
-        summary = preprocess(documents, args.output_prefix, args.tokenizer, args.workers, args.limit_documents)
-    except ValueError as e:
-        sys.exit(f"preprocess: {e}")
-    print(f"wrote {args.output_prefix}.bin/.idx: {summary['documents']} documents, "
-          f"{summary['tokens']} tokens in {summary['seconds']} s")
+        summary = preprocess(items, args.output_prefix, args.tokenizer_type, args.tokenizer_model, args.workers,
+                             args.on_error, args.loss_mask, args.append_eod, args.limit_documents, inputs)
+    except (InputError, BadRecord, ValueError) as e:
+        sys.exit(f"preprocess: {e}\nnothing written to {args.output_prefix}.*")
+    print(f"wrote {args.output_prefix}.bin/.idx: {summary['documents']} documents, {summary['tokens']} tokens "
+          f"in {summary['seconds']} s ({summary['tokens_per_s']} tokens/s)")
+    for category, count in summary["skipped"].items():
+        print(f"skipped {count} records: {category}")
+    for example in summary["skipped_examples"]:
+        print(f"  e.g. {example}")
 
 
 if __name__ == "__main__":

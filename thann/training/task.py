@@ -15,11 +15,14 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from thann.data.tokenizer import Tokenizer
+
 
 class Task(Protocol):
     transformer_config: TransformerConfig  # read by megatron-core's schedules, DDP and optimizer
     report_keys: tuple[str, ...]
     flops_per_token: float  # model FLOPs per trained token (forward + backward), for MFU
+    tokenizer: Tokenizer | None  # recorded in checkpoints; None for models that read no text
 
     def build_model(self, pre_process: bool, post_process: bool) -> MegatronModule: ...
 

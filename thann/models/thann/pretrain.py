@@ -6,7 +6,7 @@ import torch
 from megatron.core import parallel_state
 
 from thann.data.datasets import Batching, build_datasets, micro_batches
-from thann.data.tokenizer import Tokenizer, padded_vocab_size
+from thann.data.tokenizer import build_tokenizer, padded_vocab_size
 from thann.models.thann.generate import greedy_generate
 from thann.models.thann.model import ThannModel, transformer_config
 from thann.models.thann.size import model_size
@@ -27,7 +27,7 @@ class PretrainTask:
 
     def __init__(self, cfg, layout, bf16: bool):
         self.cfg = cfg
-        self.tokenizer = Tokenizer(cfg.data.tokenizer)
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer.type, cfg.data.tokenizer.model)
         self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, layout.tp)
         self.transformer_config = transformer_config(
             cfg.model, cfg.parallel, bf16=bf16, use_cpu_initialization=not torch.cuda.is_available()
