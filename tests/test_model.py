@@ -12,14 +12,14 @@ from thann.parallel import state
 VOCAB = 100352
 
 
-def _thann(model_cfg, seed=0):
+def _thann(model_cfg, seed=0, recompute="none"):
     from omegaconf import OmegaConf
 
     from thann.models.thann.model import ThannModel, transformer_config
 
     torch.manual_seed(seed)
     layout = OmegaConf.create({"tp": 1, "pp": 1, "ep": 1, "etp": 1, "sp": False})
-    config = transformer_config(model_cfg, layout, bf16=False, use_cpu_initialization=True)
+    config = transformer_config(model_cfg, layout, bf16=False, use_cpu_initialization=True, recompute=recompute)
     return ThannModel(config, model_cfg, VOCAB, max_sequence_length=64).to(state.device()).eval()
 
 
@@ -85,3 +85,31 @@ def test_grouped_matmul_matches_per_expert_matmul(tokens):
     w = torch.randn(4, 8, 5)
     expected = torch.cat([xe @ we for xe, we in zip(torch.split(x, counts.tolist()), w)])
     torch.testing.assert_close(grouped_matmul(x, w, counts), expected)
+
+
+@pytest.mark.parametrize("recompute, recomputed", [("selective", "core_attention"), ("full", "self_attention")])
+def test_activation_recompute_reruns_in_backward_with_equal_gradients(single_rank, tiny_model_cfg, recompute,
+                                                                       recomputed):
+    tokens = torch.randint(0, 100_000, (2, 32), device=state.device())
+    positions = torch.arange(32, device=state.device()).expand(2, 32)
+    gradients, calls, weights = {}, {}, None
+    for mode in ("none", recompute):
+        model = _thann(tiny_model_cfg, recompute=mode).train()
+        weights = weights or model.state_dict()
+        model.load_state_dict(weights)
+        model.learnt_tokenization.dropout.p = 0.0  # same numbers in both runs
+        calls[mode] = 0
+
+        def count(*_):
+            calls[mode] += 1
+
+        for layer in model.decoder.layers:
+            getattr(layer.self_attention, "core_attention" if recomputed == "core_attention" else "linear_qkv") \
+                .register_forward_hook(count)
+        model(tokens, positions, None, labels=tokens).sum().backward()
+        gradients[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    layers = tiny_model_cfg.num_layers
+    assert calls["none"] == layers and calls[recompute] == 2 * layers  # ran again in backward
+    for name, grad in gradients["none"].items():
+        torch.testing.assert_close(gradients[recompute][name], grad, rtol=1e-5, atol=1e-7,
+                                   msg=lambda m, name=name: f"{name}: {m}")

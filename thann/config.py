@@ -85,6 +85,8 @@ def check_train(train: DictConfig, dp: int) -> None:
              "must be cosine, linear or constant")
     _require(train.precision in ("auto", "bf16", "fp32"), "train.precision", train.precision,
              "must be auto, bf16 or fp32")
+    _require(train.recompute in ("none", "selective", "full"), "train.recompute", train.recompute,
+             "must be none, selective or full")
     _require(train.on_nonfinite_loss in ("stop", "skip"), "train.on_nonfinite_loss", train.on_nonfinite_loss,
              "must be stop or skip")
     _require(train.stop_after_step is None or 0 < train.stop_after_step <= train.steps, "train.stop_after_step",

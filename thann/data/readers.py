@@ -13,6 +13,7 @@ wrong types, missing keys, empty documents and invalid UTF-8 are reported with f
 (``path:line``; ``path:row N`` for parquet, counted from 1) and never silently dropped.
 """
 
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -157,7 +158,7 @@ def text_documents(path: str, mode: str) -> Iterator[Document | Problem]:
         yield Document(path, text=text) if text.strip() else Problem(path, "empty document", "the file is empty")
         return
     block, first, bad = [], 0, None
-    for number, line in [*_utf8_lines(path), (None, "\n")]:  # a final blank line ends the last block
+    for number, line in itertools.chain(_utf8_lines(path), [(None, "\n")]):  # a blank line ends the last block
         if isinstance(line, Problem):
             bad = bad or line
             first = first or number

@@ -44,7 +44,7 @@ class ThannModel(GPTModel):
 
 
 def transformer_config(model_cfg, parallel_cfg, *, bf16: bool, use_cpu_initialization: bool,
-                       perform_initialization: bool = True) -> TransformerConfig:
+                       perform_initialization: bool = True, recompute: str = "none") -> TransformerConfig:
     """megatron-core's TransformerConfig for a THANN model config and a parallel layout."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     return TransformerConfig(
@@ -90,4 +90,9 @@ def transformer_config(model_cfg, parallel_cfg, *, bf16: bool, use_cpu_initializ
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
+        # Megatron-LM's choices: "selective" recomputes the attention core in backward, "full"
+        # keeps only each layer's input and recomputes the layer.
+        recompute_granularity=None if recompute == "none" else recompute,
+        recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
     )

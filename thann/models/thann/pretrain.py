@@ -30,7 +30,8 @@ class PretrainTask:
         self.tokenizer = build_tokenizer(cfg.data.tokenizer.type, cfg.data.tokenizer.model)
         self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, layout.tp)
         self.transformer_config = transformer_config(
-            cfg.model, cfg.parallel, bf16=bf16, use_cpu_initialization=not torch.cuda.is_available()
+            cfg.model, cfg.parallel, bf16=bf16, use_cpu_initialization=not torch.cuda.is_available(),
+            recompute=cfg.train.recompute,
         )
         train = cfg.train
         self.flops_per_token = model_size(cfg.model, self.vocab_size).flops_per_token(
