@@ -35,7 +35,7 @@ from tqdm import tqdm
 from thann.data.chat import encode_chat
 from thann.data.corpora import CORPORA
 from thann.data.readers import TEXT_MODES, Document, InputError, Problem, read_inputs
-from thann.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
+from thann.data.tokenizer import TOKENIZER_TYPES, Tokenizer, build_tokenizer
 
 ON_ERROR = ("fail", "skip")
 LOSS_MASK_SUFFIX = "_loss_mask"
@@ -48,9 +48,13 @@ class BadRecord(ValueError):
     """The first bad record under ``on_error="fail"``."""
 
 
-def _init_worker(tokenizer_type: str, tokenizer_model: str, append_eod: bool) -> None:
+def _use_in_this_process(tokenizer: Tokenizer, append_eod: bool) -> None:
     global _worker
-    _worker = (build_tokenizer(tokenizer_type, tokenizer_model), append_eod)
+    _worker = (tokenizer, append_eod)
+
+
+def _init_worker(tokenizer_type: str, tokenizer_model: str, append_eod: bool) -> None:
+    _use_in_this_process(build_tokenizer(tokenizer_type, tokenizer_model), append_eod)
 
 
 def _encode(documents: list[Document]) -> list[tuple[list[int], list[int]]]:
@@ -109,13 +113,15 @@ def _chunks(documents: Iterator[Document]) -> Iterator[list[Document]]:
         yield chunk
 
 
-def _encoded_chunks(chunks: Iterator[list[Document]], workers: int, init_args: tuple) -> Iterator[list]:
+def _encoded_chunks(chunks: Iterator[list[Document]], workers: int, tokenizer: Tokenizer,
+                    append_eod: bool) -> Iterator[list]:
     """Encoded chunks in input order; reading stays in this process, so a bad record is raised
     here, at its place in the input, with at most ``2 * workers`` chunks in flight."""
     if workers == 1:
-        _init_worker(*init_args)
+        _use_in_this_process(tokenizer, append_eod)
         yield from map(_encode, chunks)
         return
+    init_args = (tokenizer.kind, tokenizer.model, append_eod)
     with Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
         pending = collections.deque()
         for chunk in chunks:
@@ -126,12 +132,6 @@ def _encoded_chunks(chunks: Iterator[list[Document]], workers: int, init_args: t
             yield pending.popleft().get()
 
 
-def _paths(prefix: str, loss_mask: bool) -> list[str]:
-    """Output files, in the order they are made visible: the token ``.idx`` last."""
-    mask = [f"{prefix}{LOSS_MASK_SUFFIX}.bin", f"{prefix}{LOSS_MASK_SUFFIX}.idx"] if loss_mask else []
-    return [*mask, f"{prefix}.bin", f"{prefix}.json", f"{prefix}.idx"]
-
-
 def preprocess(items: Iterable[Document | Problem], output_prefix: str, tokenizer_type: str = "tiktoken",
                tokenizer_model: str = "cl100k_base", workers: int = 1, on_error: str = "fail",
                loss_mask: bool = False, append_eod: bool = True, limit: int | None = None,
@@ -139,17 +139,20 @@ def preprocess(items: Iterable[Document | Problem], output_prefix: str, tokenize
     """Writes the dataset and returns its summary (also saved as ``PREFIX.json``)."""
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    final = _paths(output_prefix, loss_mask)
+    bin_path, idx_path, json_path = (f"{output_prefix}.{ext}" for ext in ("bin", "idx", "json"))
+    mask_bin, mask_idx = (f"{output_prefix}{LOSS_MASK_SUFFIX}.{ext}" for ext in ("bin", "idx"))
+    # In the order they are made visible: the token .idx, which marks a complete dataset, last.
+    final = [*([mask_bin, mask_idx] if loss_mask else []), bin_path, json_path, idx_path]
     tmp = {path: path + ".tmp" for path in final}
-    tokens_out = IndexedDatasetBuilder(tmp[f"{output_prefix}.bin"], dtype=DType.optimal_dtype(tokenizer.vocab_size))
-    mask_out = IndexedDatasetBuilder(tmp[final[0]], dtype=np.uint8) if loss_mask else None
+    tokens_out = IndexedDatasetBuilder(tmp[bin_path], dtype=DType.optimal_dtype(tokenizer.vocab_size))
+    mask_out = IndexedDatasetBuilder(tmp[mask_bin], dtype=np.uint8) if loss_mask else None
     skipped = Skipped()
     n_docs = n_tokens = 0
     start = time.perf_counter()
     try:
         with tqdm(desc="tokenizing", unit=" docs", disable=not sys.stderr.isatty()) as bar:
             chunks = _chunks(good_documents(items, on_error, skipped, limit))
-            for encoded in _encoded_chunks(chunks, workers, (tokenizer_type, tokenizer_model, append_eod)):
+            for encoded in _encoded_chunks(chunks, workers, tokenizer, append_eod):
                 for ids, mask in encoded:
                     tokens_out.add_document(ids, [len(ids)])  # lists go straight into numpy
                     if mask_out:
@@ -159,15 +162,15 @@ def preprocess(items: Iterable[Document | Problem], output_prefix: str, tokenize
                 bar.update(len(encoded))
         if n_docs == 0:
             raise InputError("no documents in the input")
-        tokens_out.finalize(tmp[f"{output_prefix}.idx"])
+        tokens_out.finalize(tmp[idx_path])
         if mask_out:
-            mask_out.finalize(tmp[final[1]])
+            mask_out.finalize(tmp[mask_idx])
         seconds = time.perf_counter() - start
         summary = {"tokenizer": tokenizer.identity, "documents": n_docs, "tokens": n_tokens,
                    "skipped": dict(skipped.counts), "skipped_examples": skipped.examples, "loss_mask": loss_mask,
                    "append_eod": append_eod, "inputs": inputs or [], "seconds": round(seconds, 2),
                    "tokens_per_s": round(n_tokens / seconds)}
-        with open(tmp[f"{output_prefix}.json"], "w") as f:
+        with open(tmp[json_path], "w") as f:
             json.dump(summary, f, indent=1)
     except BaseException:
         for path in tmp.values():
@@ -175,7 +178,7 @@ def preprocess(items: Iterable[Document | Problem], output_prefix: str, tokenize
                 os.remove(path)
         raise
     # An older dataset at this prefix stops looking complete before any of its files is replaced.
-    for stale in (f"{output_prefix}.idx", *_paths(output_prefix, True)[:2]):
+    for stale in (idx_path, mask_bin, mask_idx):
         if os.path.exists(stale):
             os.remove(stale)
     for path in final:

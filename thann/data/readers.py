@@ -68,23 +68,25 @@ def input_files(paths: Iterable[str]) -> list[str]:
 
 def record_document(record, key: str, source: str) -> Document | Problem:
     """A parsed JSON record or parquet row -> a document, or the problem with it."""
-    excerpt = _excerpt(json.dumps(record, ensure_ascii=False, default=str))
+
+    def problem(category: str, message: str) -> Problem:  # the excerpt is made for bad records only
+        return Problem(source, category, message, _excerpt(json.dumps(record, ensure_ascii=False, default=str)))
+
     if not isinstance(record, dict):
-        return Problem(source, "wrong type", f"expected a JSON object, got {type(record).__name__}", excerpt)
+        return problem("wrong type", f"expected a JSON object, got {type(record).__name__}")
     if key in record:
         text = record[key]
         if not isinstance(text, str):
-            return Problem(source, "wrong type", f"{key!r} is {type(text).__name__}, expected a string", excerpt)
+            return problem("wrong type", f"{key!r} is {type(text).__name__}, expected a string")
         if not text.strip():
-            return Problem(source, "empty document", f"{key!r} is empty", excerpt)
+            return problem("empty document", f"{key!r} is empty")
         return Document(source, text=text)
     if "messages" in record or "conversations" in record:
         try:
             return Document(source, messages=tuple(messages_of(record)))
         except RecordError as e:
-            category = "empty document" if str(e) == "empty document" else "bad chat record"
-            return Problem(source, category, str(e), excerpt)
-    return Problem(source, "missing key", f"no {key!r}, 'messages' or 'conversations' key", excerpt)
+            return problem("empty document" if str(e) == "empty document" else "bad chat record", str(e))
+    return problem("missing key", f"no {key!r}, 'messages' or 'conversations' key")
 
 
 def _utf8_lines(path: str) -> Iterator[tuple[int, str | Problem]]:

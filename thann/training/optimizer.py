@@ -49,9 +49,13 @@ def build_optimizer(train_cfg, distributed_optimizer: bool, model_chunks, bf16: 
     return optimizer, scheduler
 
 
+def _torch_adams(optimizer) -> list:
+    """The torch Adam instances inside a megatron-core optimizer (chained or not)."""
+    return [m.optimizer for m in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
 def _create_adam_state(optimizer) -> None:
-    for megatron_optimizer in getattr(optimizer, "chained_optimizers", [optimizer]):
-        adam = megatron_optimizer.optimizer
+    for adam in _torch_adams(optimizer):
         for group in adam.param_groups:
             for p in group["params"]:
                 if not adam.state[p]:
@@ -60,8 +64,8 @@ def _create_adam_state(optimizer) -> None:
 
 
 def unshare_adam_steps(optimizer) -> None:
-    for megatron_optimizer in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for state in megatron_optimizer.optimizer.state.values():
+    for adam in _torch_adams(optimizer):
+        for state in adam.state.values():
             if "step" in state:
                 state["step"] = state["step"].clone()
 
