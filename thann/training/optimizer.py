@@ -1,8 +1,10 @@
 """megatron-core's optimizer (Adam, fp32 master weights under bf16, optional ZeRO-1 distributed
 optimizer, gradient clipping) and its warmup + decay learning-rate schedule.
 
-Without transformer-engine or apex megatron-core falls back to torch's Adam, whose per-parameter
-state (with its "step") appears only at the first update. Two consequences in megatron-core's
+Without transformer-engine or apex megatron-core falls back to torch's AdamW, built with torch's
+default implementation (foreach: about ten passes over every fp32 tensor); it is switched to the
+fused one, a single pass, on CPU and GPU alike. torch's Adam keeps a per-parameter state (with its
+"step") that appears only at the first update. Two consequences in megatron-core's
 distributed optimizer (0.16 to 0.19) are handled here: its state_dict() asserts on a fresh
 optimizer, so the state is created up front (exactly what Adam's first step would create), and
 loading the model-space ("fully_reshardable") checkpoint form copies every state tensor it finds,
@@ -32,7 +34,9 @@ def build_optimizer(train_cfg, distributed_optimizer: bool, model_chunks, bf16: 
         use_distributed_optimizer=distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, model_chunks)
-    _create_adam_state(optimizer)
+    for adam in _torch_adams(optimizer):
+        _use_fused_kernel(adam)
+        _create_state(adam)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
@@ -50,17 +54,25 @@ def build_optimizer(train_cfg, distributed_optimizer: bool, model_chunks, bf16: 
 
 
 def _torch_adams(optimizer) -> list:
-    """The torch Adam instances inside a megatron-core optimizer (chained or not)."""
-    return [m.optimizer for m in getattr(optimizer, "chained_optimizers", [optimizer])]
+    """The torch Adam instances inside a megatron-core optimizer (chained or not); none where
+    megatron-core found transformer-engine's or apex's FusedAdam."""
+    inner = [m.optimizer for m in getattr(optimizer, "chained_optimizers", [optimizer])]
+    return [adam for adam in inner if isinstance(adam, (torch.optim.Adam, torch.optim.AdamW))]
 
 
-def _create_adam_state(optimizer) -> None:
-    for adam in _torch_adams(optimizer):
-        for group in adam.param_groups:
-            for p in group["params"]:
-                if not adam.state[p]:
-                    adam.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                     "exp_avg_sq": torch.zeros_like(p)}
+def _use_fused_kernel(adam) -> None:
+    for options in (adam.defaults, *adam.param_groups):
+        options["foreach"] = False
+        options["fused"] = True
+
+
+def _create_state(adam) -> None:
+    for group in adam.param_groups:
+        for p in group["params"]:
+            if not adam.state[p]:
+                # The fused kernel wants the step as float32 on the parameter's device.
+                adam.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                                 "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
 
 
 def unshare_adam_steps(optimizer) -> None:
