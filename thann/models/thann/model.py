@@ -87,6 +87,11 @@ def transformer_config(model_cfg, parallel_cfg, *, bf16: bool, use_cpu_initializ
         # of full-length sequences. (megatron-core's per-token mode scales the MoE auxiliary-loss
         # gradient by the rank's local token count, which sequence parallelism divides by tp.)
         calculate_per_token_loss=False,
+        # megatron-core's native fused cross-entropy (torch.compile'd; on CPU it needs a C++
+        # compiler): fewer passes over the 100k-wide logits, but it returns bf16 logit
+        # gradients, so only for bf16 training.
+        cross_entropy_loss_fusion=bf16,
+        cross_entropy_fusion_impl="native",
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
