@@ -153,6 +153,19 @@ def test_cli_shows_the_first_bad_record_and_writes_nothing(tmp_path):
     assert "1 documents" in skipped.stdout and "skipped 1 records: missing key" in skipped.stdout
 
 
+def test_cli_refuses_an_output_inside_an_input_directory(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("a document")
+    cmd = [sys.executable, "-m", "thann.data.preprocess", "--input", str(tmp_path / "docs"), "--workers", "1",
+           "--output-prefix", str(tmp_path / "docs" / "tokens" / "out")]
+    refused = subprocess.run(cmd, capture_output=True, text=True)
+    assert refused.returncode == 2 and "lies inside the input directory" in refused.stderr
+    assert os.listdir(tmp_path / "docs") == ["a.txt"]
+    cmd[-1] = str(tmp_path / "docs_tokens")  # a sibling whose name starts like the input's
+    written = subprocess.run(cmd, capture_output=True, text=True)
+    assert written.returncode == 0, written.stderr
+
+
 @pytest.mark.parametrize("name", sorted(CORPORA))
 def test_named_corpora_read_offline(tmp_path, name):
     summary = preprocess(CORPORA[name](), str(tmp_path / name), limit=20, loss_mask=True)

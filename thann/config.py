@@ -98,7 +98,7 @@ def check_train(train: DictConfig, dp: int) -> None:
 
 def check_data(data: DictConfig) -> None:
     from thann.data.datasets import LOSS_MASKS, dataset_tokenizer
-    from thann.data.preprocess import LOSS_MASK_SUFFIX
+    from thann.data.preprocess import loss_mask_prefix
     from thann.data.tokenizer import build_tokenizer
 
     paths = data.paths
@@ -121,7 +121,7 @@ def check_data(data: DictConfig) -> None:
         field = f"data.paths[{i}]"
         needed = [f"{prefix}.bin", f"{prefix}.idx"]
         if data.loss_mask == "assistant":
-            needed += [f"{prefix}{LOSS_MASK_SUFFIX}.bin", f"{prefix}{LOSS_MASK_SUFFIX}.idx"]
+            needed += [f"{loss_mask_prefix(prefix)}.bin", f"{loss_mask_prefix(prefix)}.idx"]
         missing = [p for p in needed if not os.path.isfile(p)]
         _require(not missing, field, prefix, f"no indexed dataset there (missing {', '.join(missing)}); create it "
                  "with `python -m thann.data.preprocess`" + (" --loss-mask" if data.loss_mask == "assistant" else ""))

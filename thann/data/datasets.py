@@ -19,7 +19,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from thann.data.preprocess import LOSS_MASK_SUFFIX
+from thann.data.preprocess import loss_mask_prefix
 from thann.data.tokenizer import Tokenizer
 
 LOSS_MASKS = ("all", "assistant")
@@ -44,9 +44,9 @@ class AssistantMaskedGPTDataset(GPTDataset):
 
     def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config):
         super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
-        masks = IndexedDataset(dataset_path + LOSS_MASK_SUFFIX)
+        masks = IndexedDataset(loss_mask_prefix(dataset_path))
         if not np.array_equal(masks.sequence_lengths, indexed_dataset.sequence_lengths):
-            raise ValueError(f"{dataset_path}{LOSS_MASK_SUFFIX} does not match {dataset_path} document for "
+            raise ValueError(f"{loss_mask_prefix(dataset_path)} does not match {dataset_path} document for "
                              "document; make both again with `preprocess --loss-mask`")
         self._masks = copy.copy(self)  # shares the indices; reads the mask instead of the tokens
         self._masks.dataset = masks

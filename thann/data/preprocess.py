@@ -38,10 +38,14 @@ from thann.data.readers import TEXT_MODES, Document, InputError, Problem, read_i
 from thann.data.tokenizer import TOKENIZER_TYPES, Tokenizer, build_tokenizer
 
 ON_ERROR = ("fail", "skip")
-LOSS_MASK_SUFFIX = "_loss_mask"
 _CHUNK = 128  # documents per worker task
 _EXAMPLES = 5  # skipped records shown in the summary
 _worker = None  # per process: (tokenizer, append_eod)
+
+
+def loss_mask_prefix(prefix: str) -> str:
+    """Where the loss-mask companion of the dataset at ``prefix`` lives."""
+    return f"{prefix}_loss_mask"
 
 
 class BadRecord(ValueError):
@@ -140,7 +144,7 @@ def preprocess(items: Iterable[Document | Problem], output_prefix: str, tokenize
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     bin_path, idx_path, json_path = (f"{output_prefix}.{ext}" for ext in ("bin", "idx", "json"))
-    mask_bin, mask_idx = (f"{output_prefix}{LOSS_MASK_SUFFIX}.{ext}" for ext in ("bin", "idx"))
+    mask_bin, mask_idx = (f"{loss_mask_prefix(output_prefix)}.{ext}" for ext in ("bin", "idx"))
     # In the order they are made visible: the token .idx, which marks a complete dataset, last.
     final = [*([mask_bin, mask_idx] if loss_mask else []), bin_path, json_path, idx_path]
     tmp = {path: path + ".tmp" for path in final}
@@ -205,7 +209,7 @@ def _arguments(argv) -> argparse.Namespace:
     parser.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
                         help="end-of-document token after each document (default: on)")
     parser.add_argument("--loss-mask", action="store_true",
-                        help=f"also write PREFIX{LOSS_MASK_SUFFIX}.bin/.idx (assistant turns only) for fine-tuning")
+                        help=f"also write {loss_mask_prefix('PREFIX')}.bin/.idx (assistant turns only) for fine-tuning")
     parser.add_argument("--on-error", choices=ON_ERROR, default="fail",
                         help="bad records: stop at the first (default) or skip and count them")
     parser.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
@@ -215,6 +219,11 @@ def _arguments(argv) -> argparse.Namespace:
         parser.error("--json-keys takes one key: THANN writes one dataset per run")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    output_dir = os.path.realpath(os.path.dirname(os.path.abspath(args.output_prefix)))
+    for path in args.input or []:
+        if os.path.isdir(path) and os.path.commonpath([output_dir, os.path.realpath(path)]) == os.path.realpath(path):
+            parser.error(f"--output-prefix {args.output_prefix!r} lies inside the input directory {path!r}, "
+                         "whose files are all read as input: write the dataset elsewhere")
     return args
 
 
