@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from thann.data.chat import render
+from thann.data.chat import encode_chat, encode_prompt, render
 from thann.data.corpora import CORPORA
 from thann.data.preprocess import BadRecord, preprocess
 from thann.data.readers import Document, read_inputs
@@ -88,6 +88,15 @@ def test_assistant_loss_mask_covers_exactly_the_assistant_replies(tmp_path):
         assert len(ids) == len(mask)
         learnt = tokenizer.decode([int(i) for i, m in zip(ids, mask) if m])
         assert learnt == "".join(f"{content}<|im_end|>" for role, content in chat if role == "assistant")
+
+
+def test_chat_prompt_is_a_training_conversation_up_to_the_assistant_reply():
+    tokenizer = TiktokenTokenizer()
+    prompt = encode_prompt(tokenizer, "What is 2+2?", "chat")
+    trained, _ = encode_chat(tokenizer, [("user", "What is 2+2?"), ("assistant", "4.")])
+    assert trained[:len(prompt)] == prompt and trained[len(prompt):-1] == tokenizer.encode("4.") + \
+        [tokenizer.special("<|im_end|>"), *tokenizer.encode("\n")]
+    assert tokenizer.decode(encode_prompt(tokenizer, "Hi", "User: {prompt}\n\nAssistant:")) == "User: Hi\n\nAssistant:"
 
 
 BAD_RECORDS = {

@@ -56,6 +56,7 @@ def test_validation_loss_drops_by_more_than_one_nat(tiny_corpus, tmp_path):
     ("train.global_batch_size=3", "train.global_batch_size"),
     ("model.moe_router_topk=17", "model.moe_router_topk"),
     ("parallel.sp=true", "parallel.sp"),
+    ("data.prompt_template='Q: {question}'", "data.prompt_template"),
 ])
 def test_bad_override_fails_before_training_naming_the_field(tiny_corpus, tmp_path, override, field):
     out = run_pretrain(tiny_run_overrides(tiny_corpus, tmp_path) + ["model=thann_800m", override], timeout=120)

@@ -96,6 +96,13 @@ def check_train(train: DictConfig, dp: int) -> None:
              f"must be a multiple of micro_batch_size * data-parallel size = {per_step}")
 
 
+def _formats_prompt(template: str) -> bool:
+    try:
+        return template.format(prompt="a") != template.format(prompt="b")
+    except (KeyError, IndexError, ValueError):
+        return False
+
+
 def check_data(data: DictConfig) -> None:
     from thann.data.datasets import LOSS_MASKS, dataset_tokenizer
     from thann.data.preprocess import loss_mask_prefix
@@ -113,6 +120,8 @@ def check_data(data: DictConfig) -> None:
              and float(parts[0]) > 0 and float(parts[1]) > 0, "data.split", data.split,
              "must be 'train,valid,test' weights with positive train and valid, e.g. '98,2,0'")
     _require(data.loss_mask in LOSS_MASKS, "data.loss_mask", data.loss_mask, f"must be one of {list(LOSS_MASKS)}")
+    _require(data.prompt_template == "chat" or _formats_prompt(data.prompt_template), "data.prompt_template",
+             data.prompt_template, "must be chat or a format string whose one field is {prompt}")
     try:
         tokenizer = build_tokenizer(data.tokenizer.type, data.tokenizer.model)
     except ValueError as e:

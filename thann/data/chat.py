@@ -55,6 +55,16 @@ def render(messages: list[tuple[str, str]]) -> str:
     return "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in messages)
 
 
+def encode_prompt(tokenizer: Tokenizer, prompt: str, template: str) -> list[int]:
+    """Token ids that ask for a reply to ``prompt`` in the form the documents had: ``template``
+    "chat" makes it a user turn followed by an open assistant turn; any other template is a
+    format string with ``{prompt}``."""
+    if template != "chat":
+        return tokenizer.encode(template.format(prompt=prompt))
+    ids, _ = encode_chat(tokenizer, [("user", prompt)])
+    return ids[:-1] + [tokenizer.special("<|im_start|>"), *tokenizer.encode("assistant\n")]
+
+
 def encode_chat(tokenizer: Tokenizer, messages: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
     """Token ids of the rendered conversation plus the end-of-document token, and the assistant mask."""
     start, end = tokenizer.special("<|im_start|>"), tokenizer.special("<|im_end|>")

@@ -5,6 +5,7 @@ from functools import partial
 import torch
 from megatron.core import parallel_state
 
+from thann.data.chat import encode_prompt
 from thann.data.datasets import Batching, build_datasets, micro_batches
 from thann.data.tokenizer import build_tokenizer, padded_vocab_size
 from thann.models.thann.generate import greedy_generate
@@ -65,6 +66,6 @@ class PretrainTask:
 
     def on_train_end(self, model_chunks, message) -> None:
         sample = self.cfg.train.sample
-        prompt = self.tokenizer.encode(sample.prompt)
+        prompt = encode_prompt(self.tokenizer, sample.prompt, self.cfg.data.prompt_template)
         ids = greedy_generate(model_chunks, prompt, sample.new_tokens, self.tokenizer.vocab_size, self.tokenizer.eod)
-        message(f"sample (greedy): {sample.prompt!r} -> {self.tokenizer.decode(ids[len(prompt):])!r}")
+        message(f"sample (greedy): {self.tokenizer.decode(prompt)!r} -> {self.tokenizer.decode(ids[len(prompt):])!r}")
