@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                                    # thann_800m, seq 2048, micro-batch 4
     python benchmarks/throughput.py --override model.moe_ffn_hidden_size=768 --micro-batch-size 8
     python benchmarks/throughput.py --max-micro-batch                  # largest that fits at 2048 and 4096
+    python benchmarks/throughput.py --rows thann --profile             # + where one THANN step's time goes
     python benchmarks/throughput.py --model thann_tiny --seq-length 64 --micro-batch-size 2 --steps 3 --warmup 1
 
 Rows, each on the same token batches (the first micro-batches of the configured dataset):
@@ -18,6 +19,9 @@ Each row: median step time of ``--steps`` steps after ``--warmup`` (synchronized
 model TFLOP/s (6·N_active + 6·h·V + 12·L·h·s per token, each model's own N_active), MFU against
 a matmul peak measured at start (bf16 8192³ on GPU; fp32 on CPU, for a smoke run only), and
 peak memory. On CPU the "bf16" rows stay fp32 (no autocast, no fused AdamW).
+
+``--profile`` runs one more THANN step under torch.profiler and prints the operators that take
+the most self time (GPU kernel time on a GPU, CPU time on CPU), per step.
 """
 
 import argparse
@@ -93,12 +97,36 @@ def thann_config(args, micro_batch_size: int, seq_length: int):
         return compose(config_name="config", overrides=overrides)
 
 
-def run_thann(cfg, warmup: int, steps: int) -> dict:
+def print_profile(step, top: int = 20) -> None:
+    """Operators by self time in one call of ``step``: device (kernel) time on GPU, CPU time on CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        synchronize()
+        start = time.perf_counter()
+        step()
+        synchronize()
+        wall_ms = (time.perf_counter() - start) * 1e3
+    # Operators only (kernels are counted in the operator that launched them).
+    ops = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+    self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    total_ms = sum(self_us(e) for e in ops) / 1e3
+    print(f"one THANN step under the profiler: {wall_ms:.1f} ms wall, {total_ms:.1f} ms "
+          f"{'of GPU kernels' if cuda else 'of CPU operator self time'}")
+    print(f"{'operator':60} {'calls':>6} {'ms':>8} {'share':>6}")
+    for e in sorted(ops, key=self_us, reverse=True)[:top]:
+        print(f"{e.key[:60]:60} {e.count:6d} {self_us(e) / 1e3:8.2f} {self_us(e) / 1e3 / total_ms:6.1%}")
+
+
+def run_thann(cfg, warmup: int, steps: int, profile: bool = False) -> dict:
     trainer = batches = None
     try:
         trainer = Trainer(cfg, PretrainTask)
         batches = trainer.task.train_batches(0)
         seconds = timed_steps(lambda i: trainer.train_step(batches), warmup, steps)
+        if profile:
+            print_profile(lambda: trainer.train_step(batches))
         return {"seconds": seconds, "flops_per_token": trainer.task.flops_per_token, "memory": peak_memory_gib()}
     finally:
         trainer = batches = None  # frees the model before the next row
@@ -196,6 +224,7 @@ def main() -> None:
                         default=["thann", "hf_trainer", "hf_bf16"])
     parser.add_argument("--override", nargs="*", default=[], help="Hydra overrides for THANN (and the HF shape)")
     parser.add_argument("--max-micro-batch", action="store_true", help="only search the largest micro-batch")
+    parser.add_argument("--profile", action="store_true", help="also profile one THANN step (operators by time)")
     args = parser.parse_args()
     if args.max_micro_batch:
         max_micro_batch(args)
@@ -208,7 +237,7 @@ def main() -> None:
           f"seq {args.seq_length} micro-batch {args.micro_batch_size} recompute {args.recompute}")
     results = {}
     if "thann" in args.rows:
-        results["THANN (fp32 master, bf16 compute)"] = run_thann(cfg, args.warmup, args.steps)
+        results["THANN (fp32 master, bf16 compute)"] = run_thann(cfg, args.warmup, args.steps, args.profile)
     hf_rows = {"hf_trainer": ("HF Mixtral, Trainer-style (fp32 + autocast)", False),
                "hf_bf16": ("HF Mixtral, bf16 weights", True)}
     if any(r in args.rows for r in hf_rows):

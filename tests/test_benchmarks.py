@@ -10,10 +10,12 @@ from conftest import ROOT
 def test_throughput_benchmark_runs_thann_and_hf_mixtral_at_tiny_scale(tiny_corpus):
     out = subprocess.run(
         [sys.executable, "benchmarks/throughput.py", "--model", "thann_tiny", "--seq-length", "32",
-         "--micro-batch-size", "2", "--steps", "1", "--warmup", "1", "--override", f"data.paths=[{tiny_corpus}]"],
+         "--micro-batch-size", "2", "--steps", "1", "--warmup", "1", "--profile", "--override", f"data.paths=[{tiny_corpus}]"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = re.findall(r"^(THANN|HF Mixtral).*?\s([\d.]+)\s+([\d,]+)\s+[\d.]+\s+[\d.]+%", out.stdout, re.MULTILINE)
     assert [r[0] for r in rows] == ["THANN", "HF Mixtral", "HF Mixtral"], out.stdout
     assert all(float(ms) > 0 and int(rate.replace(",", "")) > 0 for _, ms, rate in rows)
     assert re.search(r"THANN / fastest HF row: [\d.]+x", out.stdout)
+    profiled = re.findall(r"^(aten::\S+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)%$", out.stdout, re.MULTILINE)
+    assert len(profiled) >= 10 and any(op == "aten::_fused_adamw_" for op, *_ in profiled), out.stdout
