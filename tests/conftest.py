@@ -11,6 +11,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = os.path.join(ROOT, "configs", "model", "thann_tiny.yaml")
 
 
+def data_cfg(**fields):
+    """The default data config (configs/data/sharegpt_text.yaml) with ``fields`` replaced."""
+    return OmegaConf.merge(OmegaConf.load(os.path.join(ROOT, "configs", "data", "sharegpt_text.yaml")), fields)
+
+
 @pytest.fixture(scope="session")
 def single_rank():
     """megatron-core process groups for a world of one, in this process."""

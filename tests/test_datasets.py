@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
-from conftest import run_pretrain, tiny_run_overrides
+from conftest import data_cfg, run_pretrain, tiny_run_overrides
 from thann.data.datasets import build_datasets
 from thann.data.preprocess import preprocess
 from thann.data.readers import Document
@@ -12,8 +11,7 @@ from thann.data.tokenizer import TiktokenTokenizer, train_bpe
 
 
 def _data_cfg(paths, weights=None, loss_mask="all"):
-    return OmegaConf.create({"paths": paths, "weights": weights, "split": "90,10,0", "loss_mask": loss_mask,
-                             "tokenizer": {"type": "tiktoken", "model": "cl100k_base"}})
+    return data_cfg(paths=paths, weights=weights, split="90,10,0", loss_mask=loss_mask)
 
 
 def test_blended_samples_follow_the_weights(tmp_path):

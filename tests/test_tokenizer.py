@@ -4,8 +4,8 @@ import os
 import shutil
 
 import pytest
-from omegaconf import OmegaConf
 
+from conftest import data_cfg
 from thann.config import ConfigError, check_data
 from thann.data.preprocess import preprocess
 from thann.data.readers import Document, read_inputs
@@ -59,8 +59,7 @@ def test_missing_tokenizer_files_are_named(tmp_path):
 
 
 def _data_cfg(prefix, kind, model):
-    return OmegaConf.create({"paths": [prefix], "weights": None, "split": "98,2,0", "loss_mask": "all",
-                             "tokenizer": {"type": kind, "model": model}})
+    return data_cfg(paths=[prefix], tokenizer={"type": kind, "model": model})
 
 
 def test_dataset_made_with_another_tokenizer_is_refused(bpe_dir, tmp_path):
