@@ -50,7 +50,7 @@ def main() -> None:
     state.initialize(layout, dp=1, seed=1234)
     model_cfg = OmegaConf.load(f"{CONFIG_DIR}/model/thann_tiny.yaml")
     vocab = padded_vocab_size(100277, 1)
-    config = transformer_config(model_cfg, layout, bf16=False, use_cpu_initialization=not torch.cuda.is_available())
+    config = transformer_config(model_cfg, layout, bf16=False)
     tokens = torch.randint(0, 100277, (args.micro_batch, args.seq), device=state.device())
 
     models = {

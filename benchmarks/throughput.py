@@ -38,7 +38,7 @@ from hydra import compose, initialize_config_dir
 from thann.cli import CONFIG_DIR
 from thann.data.datasets import Batching, build_datasets, micro_batches
 from thann.data.tokenizer import build_tokenizer, padded_vocab_size
-from thann.models.thann.pretrain import PretrainTask
+from thann.tasks.lm_pretrain import PretrainTask
 from thann.parallel import state
 from thann.training.trainer import Trainer
 

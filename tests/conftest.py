@@ -54,6 +54,19 @@ def run_pretrain(overrides: list[str], nproc: int = 1, timeout: int = 240, wandb
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def run_patched(patch: str, overrides: list[str], script_dir, nproc: int = 1, timeout: int = 300):
+    """pretrain_thann.py with ``patch`` (Python source that replaces something to inject a fault)
+    executed first, in every rank's process."""
+    script = os.path.join(str(script_dir), "patched_pretrain.py")
+    with open(script, "w") as f:
+        f.write(patch + "\nimport sys\nfrom thann.cli import pretrain\nsys.argv[0] = 'pretrain_thann.py'\npretrain()\n")
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                    f"--nproc-per-node={nproc}", "--standalone"]
+    return subprocess.run(launcher + [script, "logging.wandb.enabled=false", "logging.progress=false", *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def read_metrics(run_dir) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -63,6 +76,27 @@ def tiny_run_overrides(corpus: str, run_dir, steps: int = 4) -> list[str]:
     return [f"data.paths=[{corpus}]", f"checkpoint.dir={run_dir}", f"train.steps={steps}", "train.warmup_steps=1",
             "train.eval_interval=2", "train.eval_iters=1", "train.micro_batch_size=2", "train.global_batch_size=4",
             "train.seq_length=64", "train.sample.new_tokens=2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_corpus(tmp_path_factory) -> str:
+    """The first 300 ShareGPT conversations as chat with the assistant loss mask."""
+    from thann.data.corpora import sharegpt_chat
+    from thann.data.preprocess import preprocess
+
+    prefix = str(tmp_path_factory.mktemp("chat_corpus") / "sharegpt_chat_small")
+    preprocess(sharegpt_chat(), prefix, workers=1, limit=300, loss_mask=True)
+    return prefix
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_corpus, tmp_path_factory):
+    """A run directory holding a 2-step tiny THANN checkpoint (iter_0000002): shared by the
+    tests that read, load or tamper with a checkpoint (copy it before changing it)."""
+    run_dir = tmp_path_factory.mktemp("tiny_checkpoint") / "run"
+    out = run_pretrain(tiny_run_overrides(tiny_corpus, run_dir, steps=2))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run_dir
 
 
 @pytest.fixture

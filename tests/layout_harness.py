@@ -4,8 +4,10 @@ compare with the single-rank run. Started by tests/test_parallel.py through torc
     python tests/layout_harness.py INIT OUT [hydra overrides]
 
 INIT: full (unsharded) initial weights; written by the first run (a single rank) if missing, so
-every layout starts from the same weights. OUT (rank 0): the first step's loss, its full gradient
-gathered into the single-rank layout, the grad norm and the training losses of 6 steps.
+every layout starts from the same weights; or ``seeded``: start from the weights the seed gives
+this layout (to check that they are the single rank's). OUT (rank 0): the first step's loss, its
+full gradient gathered into the single-rank layout, the grad norm, the training losses of 6 steps
+and, when seeded, the initial weights.
 """
 
 import os
@@ -17,7 +19,7 @@ from hydra import compose, initialize_config_dir
 
 from thann.checkpoint.full_state import gather_full, load_full, model_sharded_tensors
 from thann.cli import CONFIG_DIR
-from thann.models.thann.pretrain import PretrainTask
+from thann.tasks.lm_pretrain import PretrainTask
 from thann.parallel import state
 from thann.training.trainer import Trainer
 
@@ -27,12 +29,16 @@ def main(init_path: str, out_path: str, overrides: list[str]) -> None:
         cfg = compose(config_name="config", overrides=overrides)
     trainer = Trainer(cfg, PretrainTask)
     tensors = model_sharded_tensors(trainer.model)
-    if not os.path.exists(init_path):
-        if dist.get_world_size() != 1:
-            raise SystemExit("the initial weights must come from a single-rank run")
-        torch.save(gather_full(tensors), init_path)
-    load_full(tensors, torch.load(init_path))
-    trainer.optimizer.reload_model_params()
+    initial = None
+    if init_path == "seeded":
+        initial = gather_full(tensors)
+    else:
+        if not os.path.exists(init_path):
+            if dist.get_world_size() != 1:
+                raise SystemExit("the initial weights must come from a single-rank run")
+            torch.save(gather_full(tensors), init_path)
+        load_full(tensors, torch.load(init_path))
+        trainer.optimizer.reload_model_params()
 
     batches = trainer.task.train_batches(0)
     reports = trainer.forward_backward_step(batches)
@@ -43,9 +49,9 @@ def main(init_path: str, out_path: str, overrides: list[str]) -> None:
     grad_norm = trainer.optimizer_step()
     losses = [first_loss] + [trainer.train_step(batches)["lm_loss"] for _ in range(5)]
     if dist.get_rank() == 0:
-        torch.save({"first_loss": first_loss, "gradients": gradients, "grad_norm": grad_norm, "losses": losses},
-                   out_path)
-    state.destroy()
+        torch.save({"first_loss": first_loss, "gradients": gradients, "grad_norm": grad_norm, "losses": losses,
+                    "initial": initial}, out_path)
+    trainer.close()
 
 
 if __name__ == "__main__":

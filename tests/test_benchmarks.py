@@ -19,3 +19,20 @@ def test_throughput_benchmark_runs_thann_and_hf_mixtral_at_tiny_scale(tiny_corpu
     assert re.search(r"THANN / fastest HF row: [\d.]+x", out.stdout)
     profiled = re.findall(r"^(aten::\S+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)%$", out.stdout, re.MULTILINE)
     assert len(profiled) >= 10 and any(op == "aten::_fused_adamw_" for op, *_ in profiled), out.stdout
+
+
+def test_generation_benchmark_prints_thann_and_hf_rows():
+    out = subprocess.run([sys.executable, "benchmarks/generation.py", "--prompt", "8", "--new", "4", "--batch", "1",
+                          "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    row = re.search(r"^\s+1\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x\s+([\d.]+)x$", out.stdout, re.MULTILINE)
+    assert row and all(float(v) > 0 for v in row.groups()), out.stdout
+
+
+def test_cpu_accommodations_benchmark_counts_calls_through_the_mode(tiny_corpus, cpu_only):
+    out = subprocess.run([sys.executable, "benchmarks/cpu_accommodations.py", "--steps", "1", f"data.paths=[{tiny_corpus}]",
+                          "train.micro_batch_size=2", "train.global_batch_size=2", "train.seq_length=32"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    calls = re.search(r"torch calls through the mode\s+(\d+) per step", out.stdout)
+    assert calls and int(calls.group(1)) > 100, out.stdout

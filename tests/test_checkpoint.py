@@ -11,7 +11,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import ROOT, read_metrics, run_pretrain, tiny_run_overrides
+from conftest import ROOT, read_metrics, run_patched, run_pretrain, tiny_run_overrides
 
 HARNESS = os.path.join(ROOT, "tests", "checkpoint_harness.py")
 
@@ -111,6 +111,15 @@ def test_tools_and_a_flipped_byte(tiny_corpus, tmp_path):
     assert export.returncode == 0, export.stderr
     from safetensors.torch import load_file
     assert load_file(tmp_path / "model.safetensors")["embedding.word_embeddings.weight"].shape == (100352, 128)
+    exported = (tmp_path / "model.safetensors").read_bytes()
+    again = _checkpoint_tool("export", run_dir, tmp_path / "model.safetensors")
+    assert again.returncode == 2 and "exists; pass --force" in again.stderr
+    assert (tmp_path / "model.safetensors").read_bytes() == exported  # untouched
+    assert _checkpoint_tool("export", run_dir, tmp_path / "model.safetensors", "--force").returncode == 0
+    latest = (run_dir / "latest").read_text()
+    into_run = _checkpoint_tool("export", run_dir, run_dir / "latest", "--force")
+    assert into_run.returncode == 2 and "inside the run directory" in into_run.stderr
+    assert (run_dir / "latest").read_text() == latest
 
     checkpoint = run_dir / "iter_0000002"
     chunk = checkpoint / "learnt_tokenization.mix.weight" / "c" / "0" / "0"
@@ -120,44 +129,43 @@ def test_tools_and_a_flipped_byte(tiny_corpus, tmp_path):
     verify = _checkpoint_tool("verify", run_dir)
     assert verify.returncode == 1
     assert "array 'learnt_tokenization.mix.weight', chunk 0.0" in verify.stderr
+    damaged = _checkpoint_tool("inspect", run_dir)
+    assert damaged.returncode == 1 and "checksums: FAILED" in damaged.stdout
     resume = run_pretrain(tiny_run_overrides(tiny_corpus, run_dir, steps=4))
     assert resume.returncode != 0
     assert "array 'learnt_tokenization.mix.weight', chunk 0.0" in resume.stderr
 
 
-KILLED_DURING_SAVE = """
-import os, signal, sys
+KILLED_WHILE_WRITING = """
+import os, signal
 import torch.distributed as dist
 from thann.checkpoint import zarr_store
-from thann.cli import pretrain
 
-save = zarr_store.save
+write_shards = zarr_store._write_shards
 calls = {"n": 0}
 
-def save_then_die(state, root, metadata):
+def write_then_die(*args, **kwargs):
+    digests = write_shards(*args, **kwargs)
     calls["n"] += 1
     if calls["n"] == 2 and dist.get_rank() == 1:
-        os.kill(os.getpid(), signal.SIGKILL)  # mid-save: before this rank wrote its chunks
-    save(state, root, metadata)
+        os.kill(os.getpid(), signal.SIGKILL)  # its chunks are on disk; the manifest is not
+    return digests
 
-zarr_store.save = save_then_die
-sys.argv[0] = "pretrain_thann.py"
-pretrain()
+zarr_store._write_shards = write_then_die
 """
 
 
-def test_rank_killed_during_save_leaves_the_previous_checkpoint(tiny_corpus, tmp_path):
-    script = tmp_path / "killed.py"
-    script.write_text(KILLED_DURING_SAVE)
+def test_rank_killed_while_writing_leaves_the_previous_checkpoint(tiny_corpus, tmp_path):
     run_dir = tmp_path / "run"
     overrides = tiny_run_overrides(tiny_corpus, run_dir, steps=6) + [
         "checkpoint.interval=2", "logging.wandb.enabled=false", "logging.progress=false"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", str(script), *overrides]
-    killed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    killed = run_patched(KILLED_WHILE_WRITING, overrides, tmp_path, nproc=2)
     assert killed.returncode != 0
     assert (run_dir / "latest").read_text() == "iter_0000002"
-    assert (run_dir / "iter_0000004.tmp").exists() and not (run_dir / "iter_0000004").exists()
+    partial = run_dir / "iter_0000004.tmp"
+    assert partial.exists() and not (run_dir / "iter_0000004").exists()
+    assert any((partial / "embedding.word_embeddings.weight" / "c").rglob("*"))  # it was writing
+    assert not (partial / "manifest.json").exists()
 
     resumed = run_pretrain(overrides, nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -165,4 +173,4 @@ def test_rank_killed_during_save_leaves_the_previous_checkpoint(tiny_corpus, tmp
     assert (run_dir / "latest").read_text() == "iter_0000006"
     assert not (run_dir / "iter_0000004.tmp").exists()
     steps = [r["step"] for r in read_metrics(run_dir) if r["split"] == "train"]
-    assert steps[-4:] == [3, 4, 5, 6]
+    assert steps == [1, 2, 3, 4, 5, 6]  # each step once: those logged after iter_0000002 were logged again

@@ -29,7 +29,7 @@ def test_bf16_fast_path_matches_fp32_plain_path(single_rank, tiny_model_cfg):
     torch.manual_seed(0)
     models = {}
     for bf16 in (False, True):
-        config = transformer_config(tiny_model_cfg, LAYOUT, bf16=bf16, use_cpu_initialization=True)
+        config = transformer_config(tiny_model_cfg, LAYOUT, bf16=bf16)
         assert config.cross_entropy_loss_fusion == bf16
         model = ThannModel(config, tiny_model_cfg, VOCAB, max_sequence_length=64)
         if bf16:

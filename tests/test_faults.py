@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -60,8 +61,13 @@ def test_sigusr1_to_one_rank_stops_both_ranks_after_the_same_step(tiny_corpus, t
     rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
     rank1.send_signal(signal.SIGUSR1)
     output = proc.communicate(timeout=120)[0]
+    # torchrun exits 1 when a worker exits non-zero; the first worker to exit (rank 0) says 75.
+    assert re.search(r"exitcode\s*:\s*75 ", output), output[-3000:]
     assert "stopped by a signal on another rank" in output, output[-3000:]
+    stops = re.findall(r"\[rank (\d)\] stopped after step (\d+)", output)
+    assert sorted(rank for rank, _ in stops) == ["0", "1"] and len({step for _, step in stops}) == 1
     latest = (tmp_path / "latest").read_text()
+    assert latest == f"iter_{int(stops[0][1]):07d}"
     resumed = run_pretrain(overrides, nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {tmp_path / latest}" in resumed.stdout + resumed.stderr
@@ -103,13 +109,13 @@ NAN_AT_STEP_3 = """
 import sys
 import torch
 from thann.cli import pretrain
-from thann.models.thann import pretrain as task_module
+from thann.tasks import lm_pretrain as task_module
 from thann.training import trainer as trainer_module
 
 lm_loss = task_module.lm_loss
 
-def nan_at_step_3(loss_mask, token_losses):
-    loss_sum, num_tokens, report = lm_loss(loss_mask, token_losses)
+def nan_at_step_3(loss_mask, loss_scale, token_losses):
+    loss_sum, num_tokens, report = lm_loss(loss_mask, loss_scale, token_losses)
     if STEP["n"] == 3:
         loss_sum = loss_sum * float("nan")
         report = {"lm_loss": torch.stack([loss_sum.detach(), report["lm_loss"][1]])}

@@ -32,7 +32,7 @@ def test_invalid_layout_stops_every_rank_with_one_message(tiny_corpus, tmp_path,
 FAILING_RANK = """
 import sys
 from thann.cli import pretrain
-from thann.models.thann import pretrain as task_module
+from thann.tasks import lm_pretrain as task_module
 import torch.distributed as dist
 
 forward_step = task_module.PretrainTask.forward_step

@@ -19,7 +19,7 @@ def _thann(model_cfg, seed=0, recompute="none"):
 
     torch.manual_seed(seed)
     layout = OmegaConf.create({"tp": 1, "pp": 1, "ep": 1, "etp": 1, "sp": False})
-    config = transformer_config(model_cfg, layout, bf16=False, use_cpu_initialization=True, recompute=recompute)
+    config = transformer_config(model_cfg, layout, bf16=False, recompute=recompute)
     return ThannModel(config, model_cfg, VOCAB, max_sequence_length=64).to(state.device()).eval()
 
 
@@ -76,15 +76,28 @@ def test_thann_800m_has_800m_parameters_within_5_percent():
     assert active < total
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 64])
-def test_grouped_matmul_matches_per_expert_matmul(tokens):
-    from thann.models.common.experts import grouped_matmul
+@pytest.mark.parametrize("counts", [[0, 5, 3, 0], [0, 0, 0, 9], [7, 1, 0, 64]])
+@pytest.mark.parametrize("kernel", [True, False], ids=["grouped_mm_kernel", "per_expert_loop"])
+def test_grouped_matmul_matches_a_loop_over_experts(counts, kernel):
+    from thann.models.common.experts import _has_grouped_mm_kernel, grouped_matmul
 
-    counts = torch.tensor([0, tokens, 3, 0])
-    x = torch.randn(int(counts.sum()), 8)
-    w = torch.randn(4, 8, 5)
-    expected = torch.cat([xe @ we for xe, we in zip(torch.split(x, counts.tolist()), w)])
-    torch.testing.assert_close(grouped_matmul(x, w, counts), expected)
+    counts = torch.tensor(counts)
+    width = 16 if kernel else 5  # rows of 16 floats are the kernel's 16-byte units; 5 are not
+    x = torch.randn(int(counts.sum()), width, requires_grad=True)
+    w = torch.randn(4, width, 8 if kernel else 3, requires_grad=True)
+    assert _has_grouped_mm_kernel(x, w) == kernel
+    out = grouped_matmul(x, w, counts)
+    grad_out = torch.randn_like(out)
+    gx, gw = torch.autograd.grad(out, (x, w), grad_out)
+    expected, start = [], 0
+    for e, n in enumerate(counts.tolist()):  # expert e multiplies its own rows, zero rows included
+        expected.append(x[start:start + n] @ w[e])
+        start += n
+    expected = torch.cat(expected)
+    ex, ew = torch.autograd.grad(expected, (x, w), grad_out)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(gx, ex)
+    torch.testing.assert_close(gw, ew)  # experts with no tokens get a zero gradient
 
 
 @pytest.mark.parametrize("recompute, recomputed", [("selective", "core_attention"), ("full", "self_attention")])

@@ -154,7 +154,7 @@ def test_cli_shows_the_first_bad_record_and_writes_nothing(tmp_path):
     cmd = [sys.executable, "-m", "thann.data.preprocess", "--input", str(tmp_path / "in.jsonl"),
            "--output-prefix", str(tmp_path / "out"), "--workers", "1"]
     failed = subprocess.run(cmd, capture_output=True, text=True)
-    assert failed.returncode == 1
+    assert failed.returncode == 2 and failed.stderr.count("\n") == 1  # bad input: exit 2, one line
     assert "in.jsonl:2: missing key" in failed.stderr and '{"txt": "typo"}' in failed.stderr
     assert not list(tmp_path.glob("out*"))
     skipped = subprocess.run(cmd + ["--on-error", "skip"], capture_output=True, text=True)

@@ -6,7 +6,8 @@ import shutil
 import pytest
 
 from conftest import data_cfg
-from thann.config import ConfigError, check_data
+from thann.config import ConfigError
+from thann.data.checks import check_data
 from thann.data.preprocess import preprocess
 from thann.data.readers import Document, read_inputs
 from thann.data.tokenizer import build_tokenizer, train_bpe

@@ -1,45 +1,147 @@
-"""Console entry points. Hydra composes ``configs/`` with command-line overrides."""
+"""Console entry points: each composes ``configs/<name>.yaml`` with command-line overrides
+(Hydra's syntax: ``group=option``, ``a.b=value``) and runs a task on the training loop.
 
+Exit codes (README, "Exit codes"): 0 done; 2 invalid config or usage, reported before anything
+was built; 3 the loss or the weights became NaN/inf; 75 stopped by a signal after saving (start
+again to resume); 1 anything else. Every expected failure is one line naming its cause and the
+way forward, printed once.
+"""
+
+import difflib
 import logging
 import os
 import sys
 
-import hydra
-from omegaconf import DictConfig
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
 
-from thann.config import ConfigError
-
-EXIT_CONFIG = 2  # invalid config, reported before anything was built
-EXIT_NONFINITE = 3  # loss became NaN/inf (train.on_nonfinite_loss=stop); no checkpoint written for it
-EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving; start again to resume
+EXIT_FAILED = 1
+EXIT_CONFIG = 2  # invalid config or usage, reported before anything was built
+EXIT_NONFINITE = 3  # loss or weights became NaN/inf; no checkpoint written for it
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1/SIGINT after saving; start again to resume
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def _run_pretraining(cfg: DictConfig) -> None:
-    # megatron-core logs every parameter name and config field at INFO.
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    from thann.models.thann.pretrain import PretrainTask
-    from thann.parallel import state
-    from thann.training.trainer import NonFiniteLoss, Trainer
+class UsageError(ValueError):
+    pass
 
+
+def _keys(cfg, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in cfg.items():
+        keys.append(f"{prefix}{key}")
+        if isinstance(value, DictConfig):
+            keys.extend(_keys(value, f"{prefix}{key}."))
+    return keys
+
+
+def _unknown_key(key: str, known: list[str]) -> UsageError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return UsageError(f"invalid config: {key}: no such field{hint}")
+
+
+def load_config(config_name: str, overrides: list[str]) -> DictConfig:
+    """The composed config; an unknown key or option is a UsageError naming it. THANN's configs
+    are complete, so Hydra's ``+key=value`` (add a key) is refused too: it would let a typo pass."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        base = compose(config_name=config_name)
+        for override in overrides:
+            if override.startswith("+"):
+                key = override.lstrip("+").split("=", 1)[0]
+                if OmegaConf.select(base, key, default=None) is None:
+                    raise _unknown_key(key, _keys(base))
+        try:
+            return compose(config_name=config_name, overrides=overrides)
+        except HydraException as e:
+            text = str(e)
+            if "Could not override '" in text:
+                key = text.split("Could not override '", 1)[1].split("'", 1)[0]
+                raise _unknown_key(key, _keys(base)) from None
+            if "Could not find '" in text:
+                group, _, option = text.split("Could not find '", 1)[1].split("'", 1)[0].rpartition("/")
+                available = sorted(n.removesuffix(".yaml") for n in os.listdir(os.path.join(CONFIG_DIR, group))
+                                   if n.endswith(".yaml")) if os.path.isdir(os.path.join(CONFIG_DIR, group)) else []
+                raise UsageError(f"invalid config: {group}={option}: no such option (available: "
+                                 f"{', '.join(available)})") from None
+            first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+            raise UsageError(f"invalid config: {first}") from None
+
+
+def _is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def run_task(task_class, config_name: str, argv: list[str] | None = None) -> None:
+    """Runs ``task_class`` on the training loop with ``configs/<config_name>.yaml``; exits with
+    the codes above."""
+    # Installed first, so that a signal during start-up is a clean stop (exit 75), not a traceback.
+    from thann.training.signals import StopRequest
+
+    stop_request = StopRequest()
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(f"usage: {os.path.basename(sys.argv[0])} [key=value ...]   (configs/{config_name}.yaml; README)")
+        sys.exit(0)
     try:
-        trainer = Trainer(cfg, PretrainTask)
-    except ConfigError as e:
-        # Every rank runs the same checks on the same config, so every rank stops here, before
-        # any collective; one of them says why.
-        if os.environ.get("RANK", "0") == "0":
+        cfg = load_config(config_name, argv)
+    except UsageError as e:
+        if _is_rank_zero():
             print(e, file=sys.stderr)
         sys.exit(EXIT_CONFIG)
+    # megatron-core logs every parameter name and config field at INFO.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    sys.exit(_train(task_class, cfg, stop_request))
+
+
+def _train(task_class, cfg: DictConfig, stop_request) -> int:
+    from thann.checkpoint.checkpointer import CheckpointError
+    from thann.checkpoint.lock import DirectoryInUse
+    from thann.checkpoint.zarr_store import PickledCheckpoint
+    from thann.config import ConfigError
+    from thann.training.trainer import NonFiniteLoss, NonFiniteWeights, Trainer
+
+    rank = os.environ.get("RANK", "0")
+    try:
+        trainer = Trainer(cfg, task_class, stop_request)
+    except (ConfigError, DirectoryInUse, PickledCheckpoint) as e:
+        # Every rank runs the same checks on the same config (or learns the lock's outcome),
+        # so every rank stops here, before any collective; one of them says why.
+        if _is_rank_zero():
+            print(e, file=sys.stderr)
+        return EXIT_CONFIG
+    except CheckpointError as e:
+        if _is_rank_zero():
+            print(e, file=sys.stderr)
+        return EXIT_FAILED
     try:
         trainer.fit()
-    except NonFiniteLoss as e:
-        print(f"[rank {os.environ.get('RANK', '0')}] stopped: {e}", file=sys.stderr)
-        sys.exit(EXIT_NONFINITE)
-    state.destroy()
-    if trainer.stopped_by_signal:
-        sys.exit(EXIT_STOPPED)
+        code = EXIT_STOPPED if trainer.stopped_by_signal else 0
+    except (NonFiniteLoss, NonFiniteWeights) as e:  # agreed by every rank
+        print(f"[rank {rank}] stopped: {e}", file=sys.stderr)
+        code = EXIT_NONFINITE
+    except CheckpointError as e:  # agreed by every rank
+        if _is_rank_zero():
+            print(e, file=sys.stderr)
+        code = EXIT_FAILED
+    except BaseException:
+        # Other ranks may be waiting in a collective: free the directory, leave the process group
+        # to torchrun (which stops the job when a rank dies).
+        trainer.checkpointer.release()
+        raise
+    trainer.close()
+    return code
 
 
 def pretrain() -> None:
-    hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")(_run_pretraining)()
+    from thann.tasks.lm_pretrain import PretrainTask
+
+    run_task(PretrainTask, "config")
+
+
+def contrastive() -> None:
+    from thann.tasks.contrastive import ContrastiveTask
+
+    run_task(ContrastiveTask, "contrastive")

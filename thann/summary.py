@@ -21,7 +21,7 @@ def meta_parameter_counts(model_cfg, vocab_size: int) -> tuple[int, int]:
     """(total, expert) parameter counts of the model built on the meta device, world of one."""
     single = OmegaConf.create({"tp": 1, "pp": 1, "ep": 1, "etp": 1, "sp": False})
     state.initialize(single, dp=1, seed=0)
-    config = transformer_config(model_cfg, single, bf16=False, use_cpu_initialization=True,
+    config = transformer_config(model_cfg, single, bf16=False,
                                 perform_initialization=False)
     with torch.device("meta"):
         model = ThannModel(config, model_cfg, vocab_size, max_sequence_length=2048)

@@ -1,13 +1,16 @@
-"""Saving and resuming training: model, optimizer (in model space, so any layout can load it),
-LR schedule, data position, per-rank RNG streams and a description of the run.
+"""Saving and resuming training from named stateful parts (thann.checkpoint.parts), the RNG
+streams of every rank and a description of the run.
 
-    <checkpoint.dir>/iter_0000100/   one directory per saved step (zarr or torch_dist inside)
-                     thann.json      step, layout, config, tokenizer, versions
-                     rng/rank_00000.pt
-    <checkpoint.dir>/latest          name of the newest complete checkpoint
+    <checkpoint.dir>/.lock                       held by the one run using the directory
+    <checkpoint.dir>/iter_0000100/               one directory per saved step (zarr or torch_dist inside)
+                     thann.json                  step, run id, layout, config, tokenizer, versions, time
+                     rng/rank_00000.json         each rank's RNG streams
+    <checkpoint.dir>/latest                      name of the newest complete checkpoint
 
 A checkpoint is written under ``iter_*.tmp`` and renamed, and ``latest`` replaced, only after
-every rank has finished: a crash mid-save leaves the previous checkpoint as ``latest``.
+every rank has finished: a crash mid-save leaves the previous checkpoint as ``latest``. Resuming
+does not trust ``latest`` alone: when it is missing or names a missing or damaged checkpoint,
+the newest complete checkpoint that verifies is used, and the run says which and why.
 """
 
 import json
@@ -15,21 +18,32 @@ import os
 import random
 import shutil
 import time
+import uuid
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
-from megatron.core.utils import unwrap_model
-from omegaconf import OmegaConf
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
 
-from thann.checkpoint import zarr_store
+from thann.checkpoint import plain, zarr_store
+from thann.checkpoint.lock import DirectoryInUse, DirectoryLock
+from thann.checkpoint.parts import Part
 from thann.config import ConfigError
-from thann.training.optimizer import unshare_adam_steps
 
 FORMATS = ("zarr", "torch_dist")
 LATEST = "latest"
+METADATA = "thann.json"
+# Room kept free beyond a checkpoint's own size when checking the disk before a save.
+_FREE_SPACE_MARGIN = 1.05
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or resumed; the message says why and what to do."""
 
 
 def iteration_dir(root: str, step: int) -> str:
@@ -37,16 +51,16 @@ def iteration_dir(root: str, step: int) -> str:
 
 
 def latest_checkpoint(root: str) -> str | None:
+    """The checkpoint ``latest`` names, if the file exists (whether or not that checkpoint does)."""
     path = os.path.join(root, LATEST)
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         return None
     with open(path) as f:
-        name = f.read().strip()
-    return os.path.join(root, name)
+        return os.path.join(root, f.read().strip())
 
 
 def read_metadata(path: str) -> dict:
-    with open(os.path.join(path, "thann.json")) as f:
+    with open(os.path.join(path, METADATA)) as f:
         return json.load(f)
 
 
@@ -76,129 +90,211 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-class NonFiniteWeights(RuntimeError):
-    pass
+def _rng_file(rank: int) -> str:
+    return os.path.join("rng", f"rank_{rank:05d}.json")
+
+
+@dataclass
+class Candidate:
+    """A complete checkpoint a run could resume from."""
+    path: str
+    metadata: dict
+    notes: list[str] = field(default_factory=list)  # why it was chosen over `latest`
+
+    @property
+    def step(self) -> int:
+        return self.metadata["step"]
+
+
+def find_checkpoints(root: str) -> list[Candidate]:
+    """Complete checkpoints under ``root``, the one ``latest`` names first when it is one of
+    them, then the others newest first (by the time they were saved)."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if not name.startswith("iter_") or name.endswith(".tmp") or not os.path.isdir(path):
+            continue
+        try:
+            found.append(Candidate(path, read_metadata(path)))
+        except (OSError, ValueError):
+            continue  # no readable thann.json: not a complete checkpoint
+    found.sort(key=lambda c: (c.metadata.get("saved_at_unix", 0.0), c.step), reverse=True)
+    named = latest_checkpoint(root)
+    first = next((c for c in found if named and os.path.basename(c.path) == os.path.basename(named)), None)
+    if first is not None:
+        found.remove(first)
+        return [first] + found
+    if found:
+        reason = (f"'{LATEST}' names {os.path.basename(named)}, which is missing or incomplete" if named
+                  else f"there is no '{LATEST}' file")
+        found[0].notes.append(reason)
+    return found
 
 
 class Checkpointer:
-    def __init__(self, cfg, trainer):
-        if cfg.format not in FORMATS:
-            raise ValueError(f"checkpoint.format must be one of {FORMATS}, got {cfg.format!r}")
+    def __init__(self, cfg, message: Callable[[str], None] = print):
         self.cfg = cfg
-        self.trainer = trainer
+        self.message = message
+        self.parts: dict[str, Part] = {}
+        self.run_id = uuid.uuid4().hex[:12]
+        self._lock = DirectoryLock(cfg.dir)
 
-    # -- what goes in ---------------------------------------------------------------------------
+    def attach(self, parts: dict[str, Part]) -> None:
+        self.parts = parts
 
-    def _sharded_state_dict(self, is_loading: bool) -> dict:
-        t = self.trainer
-        if len(t.model) != 1:
-            raise NotImplementedError("checkpointing supports one model chunk per rank")
-        model = unwrap_model(t.model[0]).sharded_state_dict()
-        optimizer = t.optimizer.sharded_state_dict(
-            model, is_loading=is_loading,
-            # Optimizer state as tensors shaped like the parameters: reshardable to any layout.
-            metadata={"distrib_optim_sharding_type": "fully_reshardable"},
-        )
-        return {
-            "model": model,
-            "optimizer": optimizer,
-            "scheduler": t.scheduler.state_dict(),
-            "train": {"step": t.step, "consumed_samples": t.consumed_samples},
-        }
+    # -- the directory belongs to one run ----------------------------------------------------------
 
-    def _metadata(self) -> dict:
-        t = self.trainer
-        return {
-            "step": t.step,
-            "consumed_samples": t.consumed_samples,
-            "format": self.cfg.format,
-            "layout": vars(t.layout),
-            "world_size": dist.get_world_size(),
-            "tokenizer": t.task.tokenizer and t.task.tokenizer.identity,
-            "config": OmegaConf.to_container(t.cfg, resolve=True),
-            "versions": {name: _version(name) for name in ("thann", "megatron-core", "torch")},
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+    def acquire(self) -> None:
+        """Collective: rank 0 takes the directory's lock; every rank learns whether it could."""
+        outcome = [None]
+        if dist.get_rank() == 0:
+            try:
+                self._lock.acquire()
+                holder = self._lock.stale_holder
+                outcome = [{"stale": holder}]
+            except DirectoryInUse as e:
+                outcome = [{"error": str(e)}]
+        dist.broadcast_object_list(outcome, src=0)
+        if "error" in outcome[0]:
+            raise DirectoryInUse(outcome[0]["error"])
+        holder = outcome[0]["stale"]
+        if holder:
+            self.message(f"{self.cfg.dir}: the previous run (pid {holder.get('pid')} on {holder.get('host')}) ended "
+                         "without releasing it; taking it over")
+
+    def release(self) -> None:
+        self._lock.release()
 
     # -- save -----------------------------------------------------------------------------------
 
-    def _weights_finite(self) -> bool:
-        finite = torch.tensor([1.0 if all(torch.isfinite(p).all() for p in self.trainer.model[0].parameters())
-                               else 0.0], device=next(self.trainer.model[0].parameters()).device)
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        return bool(finite.item())
+    def _check_free_space(self, states: dict, step: int, resume_hint: str) -> None:
+        sharded = [t for t in nested_values(states) if isinstance(t, ShardedTensor)]
+        mine = sum(t.data.numel() * t.data.element_size() for t in sharded if is_main_replica(t.replica_id))
+        total = torch.tensor([float(mine)], dtype=torch.float64,
+                             device=sharded[0].data.device if sharded else torch.device("cpu"))
+        dist.all_reduce(total)
+        needed = total.item() * _FREE_SPACE_MARGIN
+        free = shutil.disk_usage(self.cfg.dir).free
+        if free < needed:
+            raise CheckpointError(
+                f"not enough free space in {self.cfg.dir} to save step {step}: it needs about "
+                f"{needed / 2**30:.2f} GiB and {free / 2**30:.2f} GiB are free; free some space (or lower "
+                f"checkpoint.keep) and start again{resume_hint}")
 
-    def save(self) -> str:
-        step = self.trainer.step
-        if not self._weights_finite():
-            raise NonFiniteWeights(f"refusing to save step {step}: the model has NaN/inf weights")
+    def save(self, step: int, metadata: dict) -> str:
+        """Collective. Writes every part at ``step``; returns the checkpoint's directory."""
         final = iteration_dir(self.cfg.dir, step)
         tmp = final + ".tmp"
         rank = dist.get_rank()
+        latest = latest_checkpoint(self.cfg.dir)
+        resume_hint = f": the run resumes from {os.path.basename(latest)}" if latest else ""
+        states = {name: part.state(is_loading=False) for name, part in self.parts.items()}
+        self._check_free_space(states, step, resume_hint)
+        metadata = {**metadata, "run_id": self.run_id, "format": self.cfg.format,
+                    "versions": {name: _version(name) for name in ("thann", "megatron-core", "torch")},
+                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "saved_at_unix": time.time()}
+        try:
+            error = ""
+            if rank == 0:
+                try:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    os.makedirs(tmp)
+                except OSError as e:
+                    error = f"cannot create {tmp}: {e.strerror}"
+            zarr_store.agree(error)
+            if self.cfg.format == "zarr":
+                zarr_store.save(states, tmp, metadata, rank_files={_rng_file(rank): _rng_state()})
+            else:
+                dist_checkpointing.save(states, tmp)
+                os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+                plain.dump(_rng_state(), os.path.join(tmp, _rng_file(rank)), "rng")
+                dist.barrier()
+            error = ""
+            if rank == 0:
+                try:
+                    self._publish(tmp, final, metadata)
+                except OSError as e:
+                    error = f"cannot finish {final}: {e.strerror}"
+            zarr_store.agree(error)
+        except zarr_store.CheckpointWriteError as e:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"could not save step {step} in {self.cfg.dir}: {e}; free space or fix the "
+                                  f"directory and start again{resume_hint}") from None
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        dist.barrier()
-        state = self._sharded_state_dict(is_loading=False)
-        metadata = self._metadata()
-        if self.cfg.format == "zarr":
-            zarr_store.save(state, tmp, metadata)
-        else:
-            dist_checkpointing.save(state, tmp)
-        os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-        torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
-        dist.barrier()  # every rank's part is on disk
-        if rank == 0:
-            with open(os.path.join(tmp, "thann.json"), "w") as f:
-                json.dump(metadata, f, indent=1)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            with open(os.path.join(self.cfg.dir, LATEST + ".tmp"), "w") as f:
-                f.write(os.path.basename(final))
-            os.replace(os.path.join(self.cfg.dir, LATEST + ".tmp"), os.path.join(self.cfg.dir, LATEST))
-            self._prune()
+            self._prune(step)
         dist.barrier()
         return final
 
-    def _prune(self) -> None:
-        """Keeps the newest ``keep`` checkpoints and removes leftovers of interrupted saves."""
-        names = sorted(n for n in os.listdir(self.cfg.dir) if n.startswith("iter_"))
-        complete = [n for n in names if not n.endswith(".tmp")]
-        for name in [n for n in names if n.endswith(".tmp")] + complete[: -self.cfg.keep]:
-            shutil.rmtree(os.path.join(self.cfg.dir, name), ignore_errors=True)
+    def _publish(self, tmp: str, final: str, metadata: dict) -> None:
+        with open(os.path.join(tmp, METADATA), "w") as f:
+            json.dump(metadata, f, indent=1)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(os.path.join(self.cfg.dir, LATEST + ".tmp"), "w") as f:
+            f.write(os.path.basename(final))
+        os.replace(os.path.join(self.cfg.dir, LATEST + ".tmp"), os.path.join(self.cfg.dir, LATEST))
+
+    def _prune(self, step: int) -> None:
+        """Keeps this run's newest ``keep`` checkpoints up to ``step`` and removes leftovers of
+        interrupted saves. Checkpoints of other runs, and of this run beyond ``step`` (left by a
+        timeline that was abandoned when an earlier checkpoint was resumed), are never touched."""
+        names = os.listdir(self.cfg.dir)
+        for name in names:
+            if name.startswith("iter_") and name.endswith(".tmp"):
+                shutil.rmtree(os.path.join(self.cfg.dir, name), ignore_errors=True)
+        ours = [c for c in find_checkpoints(self.cfg.dir) if c.metadata.get("run_id") == self.run_id and c.step <= step]
+        ours.sort(key=lambda c: c.step)
+        for candidate in ours[: -self.cfg.keep]:
+            shutil.rmtree(candidate.path, ignore_errors=True)
 
     # -- load -----------------------------------------------------------------------------------
 
-    def load(self, path: str) -> None:
-        t = self.trainer
+    def load(self, path: str, tokenizer: dict | None, layout: dict) -> dict:
+        """Collective. Loads every part from ``path``; returns its metadata."""
         metadata = read_metadata(path)
-        saved, ours = metadata["tokenizer"], t.task.tokenizer and t.task.tokenizer.identity
-        if (saved and saved["fingerprint"]) != (ours and ours["fingerprint"]):
-            raise ConfigError("data.tokenizer", ours and f"{ours['type']}:{ours['model']}",
+        saved = metadata["tokenizer"]
+        if (saved and saved["fingerprint"]) != (tokenizer and tokenizer["fingerprint"]):
+            raise ConfigError("data.tokenizer", tokenizer and f"{tokenizer['type']}:{tokenizer['model']}",
                               f"the checkpoint {path} was trained with tokenizer {saved}, whose token ids mean "
                               "other strings; use its tokenizer or another checkpoint.dir")
-        state = self._sharded_state_dict(is_loading=True)
+        states = {name: part.state(is_loading=True) for name, part in self.parts.items()}
         if metadata["format"] == "zarr":
-            loaded = zarr_store.load(state, path)
+            loaded = zarr_store.load(states, path)
         else:
-            loaded = dist_checkpointing.load(state, path)
-        unwrap_model(t.model[0]).load_state_dict(loaded["model"])
-        t.optimizer.load_state_dict(loaded["optimizer"])
-        unshare_adam_steps(t.optimizer)
-        t.scheduler.load_state_dict(loaded["scheduler"])
-        t.step = loaded["train"]["step"]
-        t.consumed_samples = loaded["train"]["consumed_samples"]
+            loaded = dist_checkpointing.load(states, path)
+        for name, part in self.parts.items():
+            part.load(loaded[name])
         # RNG streams belong to ranks: restored only when the layout is the one that saved them.
-        if metadata["layout"] == vars(t.layout) and metadata["world_size"] == dist.get_world_size():
-            _set_rng_state(torch.load(os.path.join(path, "rng", f"rank_{dist.get_rank():05d}.pt"),
-                                      weights_only=False))
+        if metadata["layout"] == layout and metadata["world_size"] == dist.get_world_size():
+            rng = _rng_file(dist.get_rank())
+            if metadata["format"] == "zarr":
+                _set_rng_state(zarr_store.read_plain(path, rng))
+            else:
+                _set_rng_state(plain.load(os.path.join(path, rng)))
+        return metadata
 
-    def resume(self) -> str | None:
-        """Loads the newest complete checkpoint under checkpoint.dir, if any and if allowed."""
-        if not self.cfg.resume:
+    def resume(self, candidates: list[Candidate], tokenizer: dict | None, layout: dict) -> Candidate | None:
+        """Loads the first candidate that verifies; says which one and why when it is not the one
+        ``latest`` names. None when there is nothing to resume."""
+        if not candidates:
             return None
-        path = latest_checkpoint(self.cfg.dir)
-        if path is None:
-            return None
-        self.load(path)
-        return path
+        skipped = []
+        for candidate in candidates:
+            try:
+                self.load(candidate.path, tokenizer, layout)
+            except zarr_store.CorruptCheckpoint as e:  # verified collectively: every rank is here
+                skipped.append(f"{os.path.basename(candidate.path)}: {e}")
+                continue
+            notes = candidates[0].notes + skipped
+            if notes:
+                self.message(f"resuming from {candidate.path}, the newest complete checkpoint that verifies ("
+                             + "; ".join(notes) + ")")
+            self.run_id = candidate.metadata.get("run_id", self.run_id)
+            return candidate
+        raise CheckpointError(
+            f"{self.cfg.dir} holds checkpoints but none can be resumed (" + "; ".join(skipped) + "); check them with "
+            f"`python -m thann.checkpoint verify {self.cfg.dir}`, or set checkpoint.resume=false to start from "
+            "scratch (they are kept)")

@@ -6,9 +6,14 @@ Layout of one checkpoint directory:
     <key>/zarr.json, <key>/c/… one array per ShardedTensor key, with its *global* shape; chunks are
                                this layout's shards (split further to stay under 64 MiB), so every
                                chunk has exactly one writer: the rank holding its main replica
-    objects/<key>/<offset>.pt  ShardedObjects (pickled), one file per shard
-    common.pt                  everything that is not sharded (rank 0's copy)
-    manifest.json              sha256 of every chunk and object file
+    objects/<key>/<offset>.json  ShardedObjects, one file per shard
+    common.json                everything that is not sharded (rank 0's copy)
+    <extra files>.json         plain data of each rank (e.g. its RNG streams), named by the caller
+    manifest.json              sha256 of every chunk and every other file
+
+Nothing is pickled: arrays are zarr, everything else is JSON (thann.checkpoint.plain), so loading
+a checkpoint from anywhere never runs code. Checkpoints of THANN before this format kept
+``common.pt`` and ``objects/*.pt`` pickles; ``python -m thann.checkpoint upgrade`` converts them.
 
 Arrays are written and read with tensorstore; any zarr v3 client (zarr-python included) can read
 them. A loading rank reads only the slices its own layout needs, so any layout loads any other.
@@ -34,13 +39,46 @@ from megatron.core.dist_checkpointing.mapping import (
 from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess, save_preprocess
 from megatron.core.dist_checkpointing.utils import extract_sharded_base
 
+from thann.checkpoint import plain
+
 MAX_CHUNK_BYTES = 64 * 2**20
 _ZARR_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                 torch.float64: "float64", torch.int64: "int64", torch.int32: "int32", torch.uint8: "uint8"}
 
 
+COMMON = "common.json"
+# Side files of checkpoints written before the pickle-free format.
+PICKLED_COMMON = "common.pt"
+
+
 class CorruptCheckpoint(RuntimeError):
     pass
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing failed on some rank (disk full, permissions); raised on every rank."""
+
+
+def agree(error: str) -> None:
+    """Collective: every rank raises the first rank's error, so none waits for a rank that failed."""
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), "")
+    if first:
+        raise CheckpointWriteError(first)
+
+
+def _describe(e: Exception) -> str:
+    return f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+
+
+class PickledCheckpoint(RuntimeError):
+    """A checkpoint in the old format, whose side files are pickles: never read, only upgraded."""
+
+    def __init__(self, root: str):
+        super().__init__(f"{root} was written by an older THANN whose side files are pickles, which can run code "
+                         f"when loaded; if you trust its source, convert it once with "
+                         f"`python -m thann.checkpoint upgrade {root}`")
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -86,20 +124,26 @@ def _sha256(path: str) -> str:
 
 
 def _object_path(obj: ShardedObject) -> str:
-    return os.path.join("objects", obj.key, "_".join(map(str, obj.global_offset)) + ".pt")
+    return os.path.join("objects", obj.key, "_".join(map(str, obj.global_offset)) + ".json")
 
 
 # -- save -------------------------------------------------------------------------------------
 
 
-def save(sharded_state_dict: dict, root: str, metadata: dict) -> None:
-    """Collective: every rank calls it with its own sharded state dict for the same ``root``."""
+def save(sharded_state_dict: dict, root: str, metadata: dict, rank_files: dict[str, object] | None = None) -> None:
+    """Collective: every rank calls it with its own sharded state dict for the same ``root``.
+    ``rank_files`` maps a relative path to plain data this rank writes as JSON (its own names)."""
     sharded, common = save_preprocess(sharded_state_dict, validate_access_integrity=True)
     tensors = [t for t in nested_values(sharded) if isinstance(t, ShardedTensor)]
     objects = [o for o in nested_values(sharded) if isinstance(o, ShardedObject)]
     for t in tensors:
         if t.flattened_range is not None:
             raise NotImplementedError(f"{t.key}: flattened shards cannot be stored as zarr arrays")
+    # Every rank checks that its non-tensor state has a plain encoding before any collective, so
+    # an unconvertible object stops all ranks here, naming it, instead of leaving them waiting.
+    plain.encode(common, "common")
+    for obj in objects:
+        plain.encode(obj.data, obj.key)
 
     # Rank 0 creates the hierarchy from everyone's view of the arrays, then all ranks write.
     arrays = {}
@@ -107,20 +151,48 @@ def save(sharded_state_dict: dict, root: str, metadata: dict) -> None:
         arrays.setdefault(t.key, (list(t.global_shape), _ZARR_DTYPES[t.dtype], _chunk_shape(t)))
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, arrays)
+    error = ""
     if dist.get_rank() == 0:
-        import zarr
+        try:
+            _create(root, metadata, {k: v for per_rank in gathered for k, v in per_rank.items()}, common)
+        except Exception as e:  # noqa: BLE001 - any failure is reported on every rank
+            error = _describe(e)
+    agree(error)
 
-        group = zarr.open_group(root, mode="w", zarr_format=3)
-        group.attrs.update(metadata)
-        specs = {k: v for per_rank in gathered for k, v in per_rank.items()}
-        for key, (shape, dtype, chunk) in sorted(specs.items()):
-            ts.open({**_array_spec(root, key), "metadata": {
-                "shape": shape, "data_type": dtype,
-                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
-            }}, create=True, delete_existing=True).result()
-        torch.save(common, os.path.join(root, "common.pt"))
-    dist.barrier()
+    digests, error = {}, ""
+    try:
+        digests = _write_shards(root, tensors, objects, arrays, rank_files or {})
+    except Exception as e:  # noqa: BLE001
+        error = _describe(e)
+    agree(error)
+    all_digests = [None] * dist.get_world_size()
+    dist.all_gather_object(all_digests, digests)
+    error = ""
+    if dist.get_rank() == 0:
+        manifest = {"files": {p: d for per_rank in all_digests for p, d in sorted(per_rank.items())}}
+        try:
+            with open(os.path.join(root, "manifest.json"), "w") as f:
+                json.dump(manifest, f, indent=0)
+        except OSError as e:
+            error = _describe(e)
+    agree(error)
 
+
+def _create(root: str, metadata: dict, specs: dict, common: dict) -> None:
+    import zarr
+
+    group = zarr.open_group(root, mode="w", zarr_format=3)
+    group.attrs.update(metadata)
+    for key, (shape, dtype, chunk) in sorted(specs.items()):
+        ts.open({**_array_spec(root, key), "metadata": {
+            "shape": shape, "data_type": dtype,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
+        }}, create=True, delete_existing=True).result()
+    plain.dump(common, os.path.join(root, COMMON), "common")
+
+
+def _write_shards(root: str, tensors: list, objects: list, arrays: dict, rank_files: dict) -> dict[str, str]:
+    """Writes this rank's main-replica shards, objects and files; returns their sha256 digests."""
     written = {}
     mine = [t for t in tensors if is_main_replica(t.replica_id)]
     opened = {key: ts.open(_array_spec(root, key)).result() for key in sorted({t.key for t in mine})}
@@ -134,17 +206,16 @@ def save(sharded_state_dict: dict, root: str, metadata: dict) -> None:
         if is_main_replica(obj.replica_id):
             path = _object_path(obj)
             os.makedirs(os.path.dirname(os.path.join(root, path)), exist_ok=True)
-            torch.save(obj.data, os.path.join(root, path))
+            plain.dump(obj.data, os.path.join(root, path), obj.key)
             written[path] = None
-    with ThreadPoolExecutor(8) as pool:
-        digests = dict(zip(written, pool.map(lambda p: _sha256(os.path.join(root, p)), written)))
-    all_digests = [None] * dist.get_world_size()
-    dist.all_gather_object(all_digests, digests)
+    for path, value in rank_files.items():
+        os.makedirs(os.path.dirname(os.path.join(root, path)), exist_ok=True)
+        plain.dump(value, os.path.join(root, path), path)
+        written[path] = None
     if dist.get_rank() == 0:
-        manifest = {"files": {p: d for per_rank in all_digests for p, d in sorted(per_rank.items())}}
-        with open(os.path.join(root, "manifest.json"), "w") as f:
-            json.dump(manifest, f, indent=0)
-    dist.barrier()
+        written[COMMON] = None
+    with ThreadPoolExecutor(8) as pool:
+        return dict(zip(written, pool.map(lambda p: _sha256(os.path.join(root, p)), written)))
 
 
 # -- verify and load --------------------------------------------------------------------------
@@ -154,13 +225,27 @@ def read_manifest(root: str) -> dict[str, str]:
     path = os.path.join(root, "manifest.json")
     if not os.path.exists(path):
         raise CorruptCheckpoint(f"{root}: no manifest.json (incomplete checkpoint)")
-    with open(path) as f:
-        return json.load(f)["files"]
+    if not os.path.exists(os.path.join(root, COMMON)) and os.path.exists(os.path.join(root, PICKLED_COMMON)):
+        raise PickledCheckpoint(root)
+    try:
+        with open(path) as f:
+            return json.load(f)["files"]
+    except (ValueError, KeyError, TypeError):
+        raise CorruptCheckpoint(f"{root}: manifest.json is not a THANN manifest") from None
 
 
-def verify(root: str, paths: list[str] | None = None) -> None:
-    """Checks the sha256 of the given files (all of the manifest by default)."""
-    manifest = read_manifest(root)
+def read_plain(root: str, path: str):
+    """Plain data of a verified checkpoint (common.json, an object, a rank's file)."""
+    try:
+        return plain.load(os.path.join(root, path))
+    except ValueError as e:
+        raise CorruptCheckpoint(str(e)) from None
+
+
+def verify(root: str, paths: list[str] | None = None, manifest: dict[str, str] | None = None) -> None:
+    """Checks the sha256 of the given files (all of the manifest by default) against the
+    checkpoint's manifest (or ``manifest``, already read)."""
+    manifest = read_manifest(root) if manifest is None else manifest
     paths = sorted(manifest) if paths is None else paths
     for path in paths:
         full = os.path.join(root, path)
@@ -172,12 +257,24 @@ def verify(root: str, paths: list[str] | None = None) -> None:
             raise CorruptCheckpoint(f"{root}: checksum mismatch in {where}")
 
 
+def _files_of(manifest: dict[str, str], sharded_state_dict: dict) -> list[str]:
+    """The manifest's files a load of ``sharded_state_dict`` reads: its arrays' chunks, its
+    objects and the common state."""
+    leaves = [v for v in nested_values(sharded_state_dict) if isinstance(v, (ShardedTensor, ShardedObject))]
+    arrays = {leaf.key for leaf in leaves if isinstance(leaf, ShardedTensor)}
+    objects = {os.path.join("objects", leaf.key) for leaf in leaves if isinstance(leaf, ShardedObject)}
+    return [path for path in sorted(manifest)
+            if path == COMMON or path.partition("/c/")[0] in arrays or os.path.dirname(path) in objects]
+
+
 @torch.no_grad()
-def load(sharded_state_dict: dict, root: str) -> dict:
+def load(sharded_state_dict: dict, root: str, verify_all: bool = True) -> dict:
     """Fills this rank's sharded state dict from the checkpoint; returns the loaded state dict.
-    Collective: all ranks verify a share of the manifest first, and fail together."""
+    Collective: all ranks verify a share of the files first (every file, or with ``verify_all``
+    false only those this load reads, e.g. the weights without the optimizer), and fail together."""
     manifest = read_manifest(root)
-    share = sorted(manifest)[dist.get_rank()::dist.get_world_size()]
+    files = sorted(manifest) if verify_all else _files_of(manifest, sharded_state_dict)
+    share = files[dist.get_rank()::dist.get_world_size()]
     error = ""
     try:
         verify(root, share)
@@ -188,10 +285,10 @@ def load(sharded_state_dict: dict, root: str) -> dict:
     if any(errors):
         raise CorruptCheckpoint(next(e for e in errors if e))
 
-    common = torch.load(os.path.join(root, "common.pt"), weights_only=False)
+    common = read_plain(root, COMMON)
     sharded, nonpersistent, factories = load_preprocess(sharded_state_dict)
     merge(common, nonpersistent)
-    sharded, _ = extract_sharded_base(sharded)  # the rest comes from common.pt
+    sharded, _ = extract_sharded_base(sharded)  # the rest comes from common.json
     opened = {}
 
     def read(leaf):
@@ -213,7 +310,7 @@ def load(sharded_state_dict: dict, root: str) -> dict:
             leaf.data.copy_(value.view(leaf.data.shape))
             return leaf.data
         if isinstance(leaf, ShardedObject):
-            return torch.load(os.path.join(root, _object_path(leaf)), weights_only=False)
+            return read_plain(root, _object_path(leaf))
         return leaf
 
     dict_list_map_inplace(read, sharded)

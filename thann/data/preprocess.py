@@ -61,18 +61,26 @@ def _init_worker(tokenizer_type: str, tokenizer_model: str, append_eod: bool) ->
     _use_in_this_process(build_tokenizer(tokenizer_type, tokenizer_model), append_eod)
 
 
-def _encode(documents: list[Document]) -> list[tuple[list[int], list[int]]]:
-    """(token ids, loss mask) per document."""
+def _encode(documents: list[Document]) -> list[tuple[list[int], list[int], list[int]]]:
+    """(token ids, loss mask, sequence lengths) per document: one sequence, or for a retrieval
+    pair one per text (query, positive, negatives), each with its end-of-document token."""
     tokenizer, append_eod = _worker
-    texts = iter(tokenizer.encode_batch([d.text for d in documents if d.text is not None]))
+    plain = [d.text for d in documents if d.text is not None]
+    texts = iter(tokenizer.encode_batch(plain))
     encoded = []
     for document in documents:
+        if document.pair is not None:
+            sequences = [ids + [tokenizer.eod] for ids in tokenizer.encode_batch(list(document.pair))]
+            ids = [t for sequence in sequences for t in sequence]
+            encoded.append((ids, [1] * len(ids), [len(s) for s in sequences]))
+            continue
         if document.text is not None:
             ids = next(texts) + [tokenizer.eod]
             mask = [1] * len(ids)
         else:
             ids, mask = encode_chat(tokenizer, list(document.messages))
-        encoded.append((ids, mask) if append_eod else (ids[:-1], mask[:-1]))
+        ids, mask = (ids, mask) if append_eod else (ids[:-1], mask[:-1])
+        encoded.append((ids, mask, [len(ids)]))
     return encoded
 
 
@@ -97,7 +105,7 @@ def good_documents(items: Iterable[Document | Problem], on_error: str, skipped: 
     for item in items:
         if isinstance(item, Problem):
             if on_error == "fail":
-                raise BadRecord(f"{item}\n(use --on-error skip to skip bad records and count them)")
+                raise BadRecord(item.one_line() + " (--on-error skip skips bad records and counts them)")
             skipped.add(item)
         elif limit is None or count < limit:
             count += 1
@@ -151,16 +159,17 @@ def preprocess(items: Iterable[Document | Problem], output_prefix: str, tokenize
     tokens_out = IndexedDatasetBuilder(tmp[bin_path], dtype=DType.optimal_dtype(tokenizer.vocab_size))
     mask_out = IndexedDatasetBuilder(tmp[mask_bin], dtype=np.uint8) if loss_mask else None
     skipped = Skipped()
-    n_docs = n_tokens = 0
+    n_docs = n_tokens = n_pairs = 0
     start = time.perf_counter()
     try:
         with tqdm(desc="tokenizing", unit=" docs", disable=not sys.stderr.isatty()) as bar:
             chunks = _chunks(good_documents(items, on_error, skipped, limit))
             for encoded in _encoded_chunks(chunks, workers, tokenizer, append_eod):
-                for ids, mask in encoded:
-                    tokens_out.add_document(ids, [len(ids)])  # lists go straight into numpy
+                for ids, mask, lengths in encoded:
+                    n_pairs += len(lengths) > 1
+                    tokens_out.add_document(ids, lengths)  # lists go straight into numpy
                     if mask_out:
-                        mask_out.add_document(mask, [len(mask)])
+                        mask_out.add_document(mask, lengths)
                     n_tokens += len(ids)
                 n_docs += len(encoded)
                 bar.update(len(encoded))
@@ -170,7 +179,7 @@ def preprocess(items: Iterable[Document | Problem], output_prefix: str, tokenize
         if mask_out:
             mask_out.finalize(tmp[mask_idx])
         seconds = time.perf_counter() - start
-        summary = {"tokenizer": tokenizer.identity, "documents": n_docs, "tokens": n_tokens,
+        summary = {"tokenizer": tokenizer.identity, "documents": n_docs, "tokens": n_tokens, "pairs": n_pairs,
                    "skipped": dict(skipped.counts), "skipped_examples": skipped.examples, "loss_mask": loss_mask,
                    "append_eod": append_eod, "inputs": inputs or [], "seconds": round(seconds, 2),
                    "tokens_per_s": round(n_tokens / seconds)}
@@ -200,6 +209,9 @@ def _arguments(argv) -> argparse.Namespace:
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.json")
     parser.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY",
                         help="key (column for parquet) of the document text; chat records need none")
+    parser.add_argument("--pairs", action="store_true",
+                        help='retrieval pairs {"query", "positive", "negatives"} (JSON lines or array): each '
+                             "becomes one document of sequences query, positive, negatives, for contrastive training")
     parser.add_argument("--text-documents", choices=TEXT_MODES, default="file",
                         help="plain text: one document per file, or per blank-line-separated paragraph block")
     parser.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="tiktoken")
@@ -232,12 +244,14 @@ def main(argv=None) -> None:
     if args.corpus:
         items, inputs = CORPORA[args.corpus](), [f"corpus:{args.corpus}"]
     else:
-        items, inputs = read_inputs(args.input, args.json_keys[0], args.text_documents), args.input
+        items, inputs = read_inputs(args.input, args.json_keys[0], args.text_documents, args.pairs), args.input
     try:
         summary = preprocess(items, args.output_prefix, args.tokenizer_type, args.tokenizer_model, args.workers,
                              args.on_error, args.loss_mask, args.append_eod, args.limit_documents, inputs)
     except (InputError, BadRecord, ValueError) as e:
-        sys.exit(f"preprocess: {e}\nnothing written to {args.output_prefix}.*")
+        # Bad input, like a bad config, is exit code 2 (thann.cli), in one line.
+        print(f"preprocess: {e}; nothing written to {args.output_prefix}.*", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {args.output_prefix}.bin/.idx: {summary['documents']} documents, {summary['tokens']} tokens "
           f"in {summary['seconds']} s ({summary['tokens_per_s']} tokens/s)")
     for category, count in summary["skipped"].items():

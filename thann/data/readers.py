@@ -8,7 +8,8 @@ Forms, chosen by file extension:
 - anything else: plain UTF-8 text, one document per file or per blank-line-separated block.
 
 A record is a document when it has the text key (``--json-keys``, a string), or is a chat
-conversation (``messages`` or ``conversations``, see ``thann.data.chat``). Malformed JSON,
+conversation (``messages`` or ``conversations``, see ``thann.data.chat``); with ``pairs`` it is
+a retrieval pair ``{"query": ..., "positive": ..., "negatives": [...]}`` (negatives optional). Malformed JSON,
 wrong types, missing keys, empty documents and invalid UTF-8 are reported with file and line
 (``path:line``; ``path:row N`` for parquet, counted from 1) and never silently dropped.
 """
@@ -30,6 +31,7 @@ class Document:
     source: str
     text: str | None = None  # a plain document ...
     messages: tuple | None = None  # ... or a conversation: ((role, content), ...)
+    pair: tuple | None = None  # ... or a retrieval pair: (query, positive, *negatives)
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,9 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.source}: {self.category}: {self.message}" + (f"\n  record: {self.record}" if self.record else "")
+
+    def one_line(self) -> str:
+        return f"{self.source}: {self.category}: {self.message}" + (f" (record: {self.record})" if self.record else "")
 
 
 class InputError(ValueError):
@@ -89,6 +94,27 @@ def record_document(record, key: str, source: str) -> Document | Problem:
     return problem("missing key", f"no {key!r}, 'messages' or 'conversations' key")
 
 
+def record_pair(record, source: str) -> Document | Problem:
+    """A parsed JSON record -> a retrieval pair, or the problem with it."""
+
+    def problem(category: str, message: str) -> Problem:
+        return Problem(source, category, message, _excerpt(json.dumps(record, ensure_ascii=False, default=str)))
+
+    if not isinstance(record, dict):
+        return problem("wrong type", f"expected a JSON object, got {type(record).__name__}")
+    for key in ("query", "positive"):
+        if key not in record:
+            return problem("missing key", f"no {key!r} key (a pair is {{\"query\", \"positive\", \"negatives\"}})")
+        if not isinstance(record[key], str):
+            return problem("wrong type", f"{key!r} is {type(record[key]).__name__}, expected a string")
+        if not record[key].strip():
+            return problem("empty document", f"{key!r} is empty")
+    negatives = record.get("negatives", [])
+    if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
+        return problem("wrong type", "'negatives' must be a list of non-empty strings")
+    return Document(source, pair=(record["query"], record["positive"], *negatives))
+
+
 def _utf8_lines(path: str) -> Iterator[tuple[int, str | Problem]]:
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
@@ -99,7 +125,7 @@ def _utf8_lines(path: str) -> Iterator[tuple[int, str | Problem]]:
                                       f"byte 0x{raw[e.start]:02x} at column {e.start + 1}", _excerpt(repr(raw)))
 
 
-def jsonl_documents(path: str, key: str) -> Iterator[Document | Problem]:
+def jsonl_documents(path: str, key: str, pairs: bool = False) -> Iterator[Document | Problem]:
     for number, line in _utf8_lines(path):
         if isinstance(line, Problem):
             yield line
@@ -112,10 +138,10 @@ def jsonl_documents(path: str, key: str) -> Iterator[Document | Problem]:
         except json.JSONDecodeError as e:
             yield Problem(source, "malformed JSON", f"{e.msg} at column {e.colno}", _excerpt(line.rstrip("\n")))
             continue
-        yield record_document(record, key, source)
+        yield record_pair(record, source) if pairs else record_document(record, key, source)
 
 
-def json_array_documents(path: str, key: str) -> Iterator[Document | Problem]:
+def json_array_documents(path: str, key: str, pairs: bool = False) -> Iterator[Document | Problem]:
     try:
         with open(path, encoding="utf-8") as f:
             records = json.load(f)
@@ -126,7 +152,8 @@ def json_array_documents(path: str, key: str) -> Iterator[Document | Problem]:
         yield Problem(f"{path}:{e.lineno}", "malformed JSON", f"{e.msg} at column {e.colno}")
         return
     for i, record in enumerate(records, 1):
-        yield record_document(record, key, f"{path}:item {i}")
+        source = f"{path}:item {i}"
+        yield record_pair(record, source) if pairs else record_document(record, key, source)
 
 
 def parquet_documents(path: str, key: str) -> Iterator[Document | Problem]:
@@ -173,19 +200,22 @@ def text_documents(path: str, mode: str) -> Iterator[Document | Problem]:
             block, first, bad = [], 0, None
 
 
-def file_documents(path: str, key: str, text_mode: str) -> Iterator[Document | Problem]:
+def file_documents(path: str, key: str, text_mode: str, pairs: bool = False) -> Iterator[Document | Problem]:
     name = path.lower()
     if name.endswith((".jsonl", ".ndjson")):
-        return jsonl_documents(path, key)
+        return jsonl_documents(path, key, pairs)
     if name.endswith(".json"):
         with open(path, "rb") as f:
             starts_array = f.read(4096).lstrip().startswith(b"[")
-        return json_array_documents(path, key) if starts_array else jsonl_documents(path, key)
+        return json_array_documents(path, key, pairs) if starts_array else jsonl_documents(path, key, pairs)
+    if pairs:
+        raise InputError(f"{path}: pairs are read from JSON lines or a JSON array (.jsonl, .json)")
     if name.endswith(".parquet"):
         return parquet_documents(path, key)
     return text_documents(path, text_mode)
 
 
-def read_inputs(paths: Iterable[str], key: str = "text", text_mode: str = "file") -> Iterator[Document | Problem]:
+def read_inputs(paths: Iterable[str], key: str = "text", text_mode: str = "file",
+                pairs: bool = False) -> Iterator[Document | Problem]:
     for path in input_files(paths):
-        yield from file_documents(path, key, text_mode)
+        yield from file_documents(path, key, text_mode, pairs)

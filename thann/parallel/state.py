@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from thann.parallel import cpu
+from thann.parallel import cpu_accommodations, te_fallback
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,8 @@ def _free_port() -> int:
 
 def initialize(parallel_cfg, dp: int, seed: int, timeout_minutes: int = 10) -> Layout:
     """Joins the process group, builds megatron-core's groups and seeds every RNG stream."""
-    cpu.install()
+    cpu_accommodations.install()
+    te_fallback.install()
     if not dist.is_initialized():
         options = {"timeout": datetime.timedelta(minutes=timeout_minutes), "backend": "gloo"}
         if torch.cuda.is_available():
@@ -82,3 +83,5 @@ def destroy() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    te_fallback.uninstall()
+    cpu_accommodations.uninstall()

@@ -4,13 +4,35 @@ and TensorBoard (``<checkpoint.dir>/tensorboard``)."""
 
 import json
 import os
+import time
 
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 
+def keep_records_up_to(path: str, step: int) -> int:
+    """Rewrites a metrics file to the records of steps <= ``step`` (those of the run a resumed
+    run continues; later ones were logged after its checkpoint and are logged again), dropping
+    lines that are not one JSON object. Returns how many lines were dropped."""
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    return dropped
+
+
 class MetricsLogger:
-    def __init__(self, cfg, layout_description: str, is_logging_rank: bool, resume: bool = False):
+    def __init__(self, cfg, layout_description: str, is_logging_rank: bool, resumed_step: int | None = None):
         self.enabled = is_logging_rank
         self._bar = None
         self._wandb = None
@@ -20,9 +42,18 @@ class MetricsLogger:
         os.makedirs(cfg.checkpoint.dir, exist_ok=True)
         OmegaConf.save(cfg, os.path.join(cfg.checkpoint.dir, "config.yaml"), resolve=True)
         self.path = os.path.join(cfg.checkpoint.dir, cfg.logging.metrics_file)
-        self._file = open(self.path, "a" if resume else "w")
+        if resumed_step is not None and os.path.exists(self.path):
+            keep_records_up_to(self.path, resumed_step)
+        elif resumed_step is None and os.path.exists(self.path) and os.path.getsize(self.path):
+            # A fresh start in a directory with another run's metrics: keep them beside.
+            stem, ext = os.path.splitext(self.path)
+            aside = f"{stem}.{time.strftime('%Y%m%d-%H%M%S')}{ext}"
+            os.replace(self.path, aside)
+            print(f"starting a new run: the previous metrics are kept in {aside}")
+        self._file = open(self.path, "a")
         if cfg.logging.progress:
-            self._bar = tqdm(total=cfg.train.steps, desc="train", unit="step", dynamic_ncols=True)
+            self._bar = tqdm(total=cfg.train.steps, initial=resumed_step or 0, desc="train", unit="step",
+                             dynamic_ncols=True)
         if cfg.logging.wandb.enabled:
             try:
                 import wandb
@@ -54,9 +85,11 @@ class MetricsLogger:
                 self._tensorboard.add_scalar(name, value, record["step"])
         if self._bar is not None:
             shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items()
-                     if k in ("loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mfu")}
+                     if k in ("loss", "lm_loss", "aux_loss", "accuracy", "lr", "grad_norm", "tokens_per_s", "mfu")}
             if record.get("split") == "valid":
-                self._bar.write(f"step {record['step']}: validation loss {record['lm_loss']:.4f}")
+                extra = "".join(f", {k} {v:.4g}" for k, v in record.items()
+                                if isinstance(v, float) and k != "loss" and v != record["loss"])
+                self._bar.write(f"step {record['step']}: validation loss {record['loss']:.4f}{extra}")
             else:
                 self._bar.set_postfix(shown, refresh=False)
                 self._bar.update(record["step"] - self._bar.n)

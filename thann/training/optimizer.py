@@ -49,6 +49,9 @@ def build_optimizer(train_cfg, distributed_optimizer: bool, model_chunks, bf16: 
         end_wd=train_cfg.weight_decay,
         wd_incr_steps=train_cfg.steps,
         wd_incr_style="constant",
+        # On resume the schedule follows this run's config; only the step count is restored.
+        override_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=False,
     )
     return optimizer, scheduler
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+from torch.nn.attention.bias import causal_lower_right
 
 
 class SDPAttention(MegatronModule):
@@ -53,6 +54,11 @@ class SDPAttention(MegatronModule):
         # megatron-core masks mark positions to hide with True; SDPA marks positions to keep.
         keep_mask = None if attention_mask is None else ~attention_mask
         is_causal = keep_mask is None and mask_type == AttnMaskType.causal
+        if is_causal and q_BNSD.size(2) != k_BNSD.size(2):
+            # Queries continuing cached keys (decoding) are the last positions: SDPA's is_causal
+            # would align the mask to the top left, hiding keys a query may see.
+            keep_mask = causal_lower_right(q_BNSD.size(2), k_BNSD.size(2))
+            is_causal = False
         dropout_p = self.dropout_p if self.training else 0.0
         # Heads are split over tensor-parallel ranks: each rank drops different heads' weights.
         rng = (

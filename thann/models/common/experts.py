@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
-from megatron.core.tensor_parallel.layers import _initialize_affine_weight_gpu
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.module import MegatronModule
 
 
@@ -59,23 +59,39 @@ class GroupedExperts(MegatronModule):
             )
         ffn = config.moe_ffn_hidden_size // tp_size
         gates = 2 if config.gated_linear_unit else 1
-        device = None if config.use_cpu_initialization else torch.cuda.current_device()  # None: follow torch.device(...) contexts (meta)
-        empty = dict(dtype=config.params_dtype, device=device)
+        empty = dict(dtype=config.params_dtype)
         self.fc1_weight = torch.nn.Parameter(
             torch.empty(num_local_experts, config.hidden_size, gates, ffn, **empty)
         )
         self.fc2_weight = torch.nn.Parameter(torch.empty(num_local_experts, ffn, config.hidden_size, **empty))
+        set_tensor_model_parallel_attributes(self.fc1_weight, is_parallel=True, dim=3, stride=1)
+        set_tensor_model_parallel_attributes(self.fc2_weight, is_parallel=True, dim=1, stride=1)
         if config.perform_initialization:
-            _initialize_affine_weight_gpu(self.fc1_weight, config.init_method, partition_dim=3, is_expert=True)
-            _initialize_affine_weight_gpu(
-                self.fc2_weight, config.output_layer_init_method, partition_dim=1, is_expert=True
-            )
+            self._initialize(config)
         for weight in (self.fc1_weight, self.fc2_weight):
             # Always an expert parameter for megatron-core's DDP, so its gradient is reduced over
             # the expert-data-parallel group: with expert_tensor_parallel_size 1 under tensor
             # parallelism, the tp ranks run the same experts on different tokens and that group
             # (not the dense data-parallel group) is the one holding all replicas.
             weight.allreduce = False
+
+    @torch.no_grad()
+    def _initialize(self, config) -> None:
+        """Draws every expert of the layer whole, as one rank would, and keeps this rank's
+        experts and FFN slice: the weights do not depend on the expert-parallel layout
+        (megatron-core's own init draws each rank's experts from a per-rank stream)."""
+        if not config.use_cpu_initialization:
+            raise ValueError("GroupedExperts draws its weights on the CPU: set use_cpu_initialization=True")
+        E, D, G, F_ = self.fc1_weight.shape
+        ep_rank, tp_rank = self.ep_group.rank(), self.tp_group.rank()
+        experts = slice(ep_rank * E, (ep_rank + 1) * E)
+        ffn = slice(tp_rank * F_, (tp_rank + 1) * F_)
+        fc1_EDGF = torch.empty(E * self.ep_group.size(), D, G, F_ * self.tp_group.size())
+        config.init_method(fc1_EDGF)
+        fc2_EFD = torch.empty(E * self.ep_group.size(), F_ * self.tp_group.size(), D)
+        config.output_layer_init_method(fc2_EFD)
+        self.fc1_weight.copy_(fc1_EDGF[experts, :, :, ffn])
+        self.fc2_weight.copy_(fc2_EFD[experts, ffn])
 
     def _activation(self, h_TGF: torch.Tensor) -> torch.Tensor:
         if self.config.gated_linear_unit:

@@ -7,11 +7,37 @@ The LM head ("classifier layer") is megatron-core's output layer, tied to the em
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
+from megatron.core.transformer.moe.moe_utils import (
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+    reduce_aux_losses_tracker_across_ranks,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from thann.models.common.init import init_stream
 from thann.models.thann.spec import thann_block_spec
 from thann.models.thann.tokenization import LearntTokenization, TokenizationConfig
+
+
+class ThannInferenceContext(StaticInferenceContext):
+    """megatron-core's static KV cache for the decoder layers, plus the learnt tokenization's own
+    state: the last embeddings its convolutions read and a KV cache of its attention, kept apart
+    because that attention is built as layer 1 and would share decoder layer 1's entry."""
+
+    def __init__(self, max_batch_size: int, max_sequence_length: int):
+        super().__init__(max_batch_size, max_sequence_length)
+        self.tokenization = StaticInferenceContext(max_batch_size, max_sequence_length)
+        self.conv_history = None
+
+    def advance(self, tokens: int) -> None:
+        """The last call's ``tokens`` positions are cached: later calls continue after them."""
+        for context in (self, self.tokenization):
+            context.increment_sequence_len_offset(tokens)
+            context.enable_decode_mode()
 
 
 class ThannModel(GPTModel):
@@ -32,19 +58,44 @@ class ThannModel(GPTModel):
             vp_stage=vp_stage,
         )
         if pre_process:
-            self.learnt_tokenization = LearntTokenization(
-                config, TokenizationConfig(tuple(model_cfg.tokenization.conv_widths), model_cfg.tokenization.dropout)
+            with init_stream("learnt_tokenization"):
+                self.learnt_tokenization = LearntTokenization(
+                    config,
+                    TokenizationConfig(tuple(model_cfg.tokenization.conv_widths), model_cfg.tokenization.dropout),
+                )
+        if post_process and not model_cfg.tie_embeddings and config.perform_initialization:
+            self._redraw_output_layer()
+
+    def _redraw_output_layer(self) -> None:
+        """GPTModel draws an untied LM head after the embedding, so a last pipeline stage that
+        holds no embedding would draw other numbers: draw it from its own stream instead."""
+        weight = self.output_layer.weight
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        with init_stream("output_layer"), torch.no_grad():
+            _initialize_affine_weight_cpu(
+                weight, self.vocab_size, self.config.hidden_size, weight.shape[0], 0, self.config.init_method,
+                params_dtype=self.config.params_dtype, rank=parallel_state.get_tensor_model_parallel_rank(),
+                world_size=tp_size,
             )
+
+    def new_inference_context(self, batch_size: int, max_sequence_length: int) -> ThannInferenceContext:
+        return ThannInferenceContext(batch_size, max_sequence_length)
+
+    def forward(self, *args, inference_context=None, runtime_gather_output=None, **kwargs):
+        if inference_context is not None and runtime_gather_output is None:
+            runtime_gather_output = True  # GPTModel asserts that inference gathers the tensor-parallel logits
+        return super().forward(*args, inference_context=inference_context,
+                               runtime_gather_output=runtime_gather_output, **kwargs)
 
     def _preprocess(self, input_ids, position_ids, decoder_input=None, **kwargs):
         if decoder_input is None and self.pre_process:
             embeddings = self.embedding(input_ids=input_ids, position_ids=position_ids)
-            decoder_input = self.learnt_tokenization(embeddings)
+            decoder_input = self.learnt_tokenization(embeddings, kwargs.get("inference_context"))
         return super()._preprocess(input_ids, position_ids, decoder_input=decoder_input, **kwargs)
 
 
-def transformer_config(model_cfg, parallel_cfg, *, bf16: bool, use_cpu_initialization: bool,
-                       perform_initialization: bool = True, recompute: str = "none") -> TransformerConfig:
+def transformer_config(model_cfg, parallel_cfg, *, bf16: bool, perform_initialization: bool = True,
+                       recompute: str = "none") -> TransformerConfig:
     """megatron-core's TransformerConfig for a THANN model config and a parallel layout."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     return TransformerConfig(
@@ -80,7 +131,9 @@ def transformer_config(model_cfg, parallel_cfg, *, bf16: bool, use_cpu_initializ
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=bf16,
-        use_cpu_initialization=use_cpu_initialization,
+        # Weights are drawn whole on the CPU and sliced, from streams named by their place in the
+        # model, so every layout starts from the same weights (thann.models.common.init).
+        use_cpu_initialization=True,
         perform_initialization=perform_initialization,
         # Loss = mean over each micro-batch's tokens, averaged over micro-batches and data-parallel
         # ranks: equal to the global token mean because every micro-batch holds the same number
@@ -101,3 +154,15 @@ def transformer_config(model_cfg, parallel_cfg, *, bf16: bool, use_cpu_initializ
         recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=1 if recompute == "full" else None,
     )
+
+
+def tracked_aux_loss(config: TransformerConfig, num_microbatches: int) -> float:
+    """The load-balancing loss (coefficient included) of the micro-batches run since the last
+    call, averaged over them and over ranks, from megatron-core's tracker, which it clears.
+    Collective: every rank calls it."""
+    reduce_aux_losses_tracker_across_ranks()
+    tracker = get_moe_layer_wise_logging_tracker()
+    values = tracker["load_balancing_loss"]["values"] if "load_balancing_loss" in tracker else torch.zeros(1)
+    aux = config.moe_aux_loss_coeff * values.sum().item() / num_microbatches
+    clear_aux_losses_tracker()
+    return aux

@@ -15,11 +15,25 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
 
 from thann.models.common.attention import SDPAttention
 from thann.models.common.experts import GroupedExperts
+from thann.models.common.init import init_stream
 from thann.models.common.norm import Norm
+
+
+class ThannLayer(TransformerLayer):
+    """megatron-core's TransformerLayer, its weights drawn from a stream of the global layer
+    number, so every pipeline layout builds the same layer 5 (thann.models.common.init)."""
+
+    def __init__(self, config, submodules, layer_number: int = 1, *args, vp_stage=None, **kwargs):
+        with init_stream("decoder_layer", layer_number + get_transformer_layer_offset(config, vp_stage)):
+            super().__init__(config, submodules, layer_number, *args, vp_stage=vp_stage, **kwargs)
 
 
 def transformer_engine_available() -> bool:
@@ -59,7 +73,7 @@ def thann_block_spec(config, use_te: bool = False, vp_stage=None) -> Transformer
 
 def thann_layer_spec() -> ModuleSpec:
     return ModuleSpec(
-        module=TransformerLayer,
+        module=ThannLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=Norm,
             self_attention=self_attention_spec(),

@@ -13,7 +13,6 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
@@ -32,8 +31,7 @@ class LearntTokenization(MegatronModule):
     def __init__(self, config, tokenization: TokenizationConfig):
         super().__init__(config=config)
         d = config.hidden_size
-        device = None if config.use_cpu_initialization else torch.cuda.current_device()  # None: follow torch.device(...) contexts (meta)
-        factory = dict(dtype=config.params_dtype, device=device)
+        factory = dict(dtype=config.params_dtype)
         self.widths = tuple(tokenization.conv_widths)
         self.convs = torch.nn.ModuleList(
             torch.nn.Conv1d(d, d, kernel_size=k, groups=d, bias=False, **factory) for k in self.widths
@@ -45,16 +43,29 @@ class LearntTokenization(MegatronModule):
         self.attention = build_module(self_attention_spec(), config=config, layer_number=1)
         self.dropout = torch.nn.Dropout(tokenization.dropout)
 
-    def forward(self, embeddings_SBD: torch.Tensor) -> torch.Tensor:
-        x_BDS = embeddings_SBD.permute(1, 2, 0)
-        local_BDS = [conv(F.pad(x_BDS, (k - 1, 0))) for conv, k in zip(self.convs, self.widths)]
+    def forward(self, embeddings_SBD: torch.Tensor, inference_context=None) -> torch.Tensor:
+        """``inference_context`` (a thann.models.thann.model.ThannInferenceContext): the
+        sequences continue earlier calls; the convolutions read the last ``max(widths) - 1``
+        embeddings it keeps, and the attention its own KV cache."""
+        history = max(self.widths) - 1
+        if inference_context is None or inference_context.conv_history is None:
+            # Left padding with zeros: position t sees only positions <= t.
+            before_SBD = embeddings_SBD.new_zeros(history, *embeddings_SBD.shape[1:])
+        else:
+            before_SBD = inference_context.conv_history
+        x_SBD = torch.cat([before_SBD, embeddings_SBD])
+        if inference_context is not None:
+            inference_context.conv_history = x_SBD[x_SBD.size(0) - history:]
+        x_BDS = x_SBD.permute(1, 2, 0)
+        local_BDS = [conv(x_BDS[..., history - (k - 1):]) for conv, k in zip(self.convs, self.widths)]
         mixed_SBD = self.mix(torch.cat(local_BDS, dim=1).permute(2, 0, 1))
         if self.config.sequence_parallel:
             # Convolutions need the whole sequence; from here on each tensor-parallel rank keeps
             # its slice, as megatron-core's embedding would have handed it to the first layer.
             embeddings_SBD = tensor_parallel.scatter_to_sequence_parallel_region(embeddings_SBD)
             mixed_SBD = tensor_parallel.scatter_to_sequence_parallel_region(mixed_SBD)
-        refined_SBD, _ = self.attention(self.norm(mixed_SBD), attention_mask=None)
+        attention_context = inference_context.tokenization if inference_context is not None else None
+        refined_SBD, _ = self.attention(self.norm(mixed_SBD), attention_mask=None, inference_context=attention_context)
         # Under sequence parallelism ranks hold different positions, so their dropout masks
         # must differ: draw them from the tensor-parallel RNG stream, as megatron-core does.
         rng = (

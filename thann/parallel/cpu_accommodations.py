@@ -2,18 +2,23 @@
 
 megatron-core is written for GPUs: it creates tensors on ``torch.cuda.current_device()``,
 forks CUDA RNG states, builds CUDA streams and checks parameter type names. On a machine
-without CUDA, ``install()`` redirects exactly those calls to their CPU equivalents; with CUDA
-present it changes nothing but the transformer-engine fix at the bottom. Each item names the
-failure it prevents (see the project notes on megatron-core on CPU).
+without CUDA, ``install()`` redirects exactly those calls to their CPU equivalents, and
+``uninstall()`` (called when the process groups are destroyed) puts every one of them back, so
+the process is left as it was found. With CUDA present nothing is installed. Each item names
+the failure it prevents (see the project notes on megatron-core on CPU).
+
+Cost: the function mode of item 1 sees every torch call. ``benchmarks/cpu_accommodations.py``
+measures it on a training step (README, "CPU and GPU").
 """
 
 import contextlib
 import logging
 
 import torch
+import torch.distributed
 from torch.overrides import TorchFunctionMode
 
-_installed = False
+_undo: list = []  # how to put back what install() replaced, newest last
 
 
 class _NoStream:
@@ -35,7 +40,7 @@ class _NoStream:
         return _NoStream()
 
 
-class _CudaAllocationsToCpu(TorchFunctionMode):
+class CudaAllocationsToCpu(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         device = kwargs.get("device")
@@ -44,46 +49,57 @@ class _CudaAllocationsToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _RngWarningFilter(logging.Filter):
+    def filter(self, record):
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+def _replace(owner, name: str, value) -> None:
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    _undo.append(lambda: setattr(owner, name, original))
+
+
+def installed() -> bool:
+    return bool(_undo)
+
+
 def install() -> None:
-    """Apply the accommodations once per process; safe to call repeatedly."""
-    global _installed
-    if _installed:
+    """Apply the accommodations (once; nothing with CUDA present)."""
+    if _undo or torch.cuda.is_available():
         return
-    _installed = True
-    _fix_missing_transformer_engine()
-    if torch.cuda.is_available():
-        return
+    from megatron.core.tensor_parallel import random as mp_random
 
     # 1. Devices. megatron-core allocates with device="cuda" (e.g. FP32Optimizer: "Torch not
-    #    compiled with CUDA enabled") and with device=torch.cuda.current_device(), an integer
-    #    meaning "cuda:N". A process-wide TorchFunctionMode sends both to the CPU; it does not
-    #    reach code run by the autograd engine's threads (e.g. ColumnParallelLinear's backward),
-    #    so current_device() itself answers "cpu" too.
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    _CudaAllocationsToCpu().__enter__()
+    #    compiled with CUDA enabled"; the schedules' token counters) and with
+    #    device=torch.cuda.current_device(), an integer meaning "cuda:N". A TorchFunctionMode sends
+    #    both to the CPU; it does not reach code run by the autograd engine's threads (e.g.
+    #    ColumnParallelLinear's backward), so current_device() itself answers "cpu" too.
+    _replace(torch.cuda, "current_device", lambda: torch.device("cpu"))
+    mode = CudaAllocationsToCpu()
+    mode.__enter__()
+    _undo.append(lambda: mode.__exit__(None, None, None))
     # 2. Host/device synchronisation is meaningless on CPU.
-    torch.cuda.synchronize = lambda *args, **kwargs: None
+    _replace(torch.cuda, "synchronize", lambda *args, **kwargs: None)
     # 3. Streams: the alltoall token dispatcher creates a torch.cuda.Stream in __init__
     #    ("torch.cuda.Stream requires CUDA support") and enters torch.cuda.stream(...).
-    torch.cuda.Stream = _NoStream
-    torch.cuda.current_stream = lambda *args, **kwargs: _NoStream()
-    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    _replace(torch.cuda, "Stream", _NoStream)
+    _replace(torch.cuda, "current_stream", lambda *args, **kwargs: _NoStream())
+    _replace(torch.cuda, "stream", lambda *args, **kwargs: contextlib.nullcontext())
     # 4. RNG: the model-parallel RNG tracker seeds and forks the CUDA generator
     #    (model_parallel_cuda_manual_seed asserts CUDA). On CPU the CPU generator plays that
     #    role; the tracker already saves and restores it around every fork.
-    from megatron.core.tensor_parallel import random as mp_random
-
-    # (torch.manual_seed itself calls torch.cuda.manual_seed_all, which stays as it is.)
-    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
-    torch.cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
-    torch.cuda.set_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
-    mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
-    mp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    #    (torch.manual_seed itself calls torch.cuda.manual_seed_all, which stays as it is.)
+    _replace(torch.cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed)))
+    _replace(torch.cuda, "get_rng_state", lambda *args, **kwargs: torch.get_rng_state())
+    _replace(torch.cuda, "set_rng_state", lambda state, *args, **kwargs: torch.set_rng_state(state))
+    _replace(mp_random, "_get_cuda_rng_state", lambda *args, **kwargs: torch.get_rng_state())
+    _replace(mp_random, "_set_cuda_rng_state", lambda state, *args, **kwargs: torch.set_rng_state(state))
     #    The tracker then warns "CPU RNG state changed within GPU RNG context" on every fork,
     #    which is by construction here (and the state is restored): drop that one message.
-    logging.getLogger(mp_random.__name__).addFilter(
-        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage()
-    )
+    logger, quiet = logging.getLogger(mp_random.__name__), _RngWarningFilter()
+    logger.addFilter(quiet)
+    _undo.append(lambda: logger.removeFilter(quiet))
     # 5. Type names: the optimizers and gradient clipping accept only 'torch.cuda.FloatTensor'
     #    and friends ("Wrapped parameters must be one of torch.cuda.FloatTensor ...", an assert
     #    in clip_grad_by_total_norm_fp32). Without CUDA every tensor is a CPU tensor, so
@@ -96,10 +112,10 @@ def install() -> None:
         name = original_type(self)
         return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
 
-    torch.Tensor.type = cuda_named_type
+    _replace(torch.Tensor, "type", cuda_named_type)
     # 6. Tensor.cuda(): with tied embeddings the first and last pipeline stages synchronise the
     #    shared weight via weight.data.cuda() ("Torch not compiled with CUDA enabled").
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    _replace(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
     # 7. Expert-parallel all-to-all: the dispatcher turns its split sizes into numpy arrays only
     #    when they live on a GPU; CPU tensors reach all_to_all_single, whose binding takes plain
     #    sequences ("all_to_all_single(): incompatible function arguments").
@@ -110,14 +126,10 @@ def install() -> None:
         return original_all_to_all_single(output, input, as_list(output_split_sizes),
                                           as_list(input_split_sizes), *args, **kwargs)
 
-    torch.distributed.all_to_all_single = all_to_all_single
+    _replace(torch.distributed, "all_to_all_single", all_to_all_single)
 
 
-def _fix_missing_transformer_engine() -> None:
-    # Without transformer-engine (always on CPU; also on GPUs outside the NVIDIA container)
-    # megatron-core 0.16's router computes its logits through an undefined name and raises
-    # "NameError: te_general_gemm"; None selects its plain-torch branch.
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
+def uninstall() -> None:
+    """Undo ``install()`` in reverse order."""
+    while _undo:
+        _undo.pop()()

@@ -1,0 +1,312 @@
+"""Runs that never lose work: the ordinary mistakes and faults of issue 13, each with the new
+behaviour and a check that nothing on disk was lost or corrupted."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import ROOT, read_metrics, run_patched, run_pretrain, tiny_run_overrides
+
+EXIT_FAILED, EXIT_CONFIG, EXIT_NONFINITE, EXIT_STOPPED = 1, 2, 3, 75
+
+
+def _checkpoints(run_dir) -> list[str]:
+    return sorted(p.name for p in run_dir.iterdir() if p.name.startswith("iter_"))
+
+
+def _steps(run_dir, split="train") -> list[int]:
+    return [r["step"] for r in read_metrics(run_dir) if r["split"] == split]
+
+
+@pytest.fixture(scope="module")
+def saved_at_2_and_4(tiny_corpus, tmp_path_factory):
+    """A run of 4 steps that saved at steps 2 and 4 (the source of each damaged copy below)."""
+    run_dir = tmp_path_factory.mktemp("saved") / "run"
+    out = run_pretrain(tiny_run_overrides(tiny_corpus, run_dir, steps=4) + ["checkpoint.interval=2"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert _checkpoints(run_dir) == ["iter_0000002", "iter_0000004"]
+    return run_dir
+
+
+def _copy(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+# -- 1. latest missing: resume from what is on disk; starting over needs resume=false ---------------
+
+def test_missing_latest_resumes_from_the_newest_checkpoint_and_a_fresh_start_keeps_the_old_ones(
+        tiny_corpus, saved_at_2_and_4, tmp_path):
+    run_dir = _copy(saved_at_2_and_4, tmp_path)
+    (run_dir / "latest").unlink()
+    out = run_pretrain(tiny_run_overrides(tiny_corpus, run_dir, steps=6) + ["checkpoint.interval=2"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resuming from {run_dir / 'iter_0000004'}" in out.stdout and "there is no 'latest' file" in out.stdout
+    assert _steps(run_dir) == [1, 2, 3, 4, 5, 6]
+    assert _checkpoints(run_dir) == ["iter_0000004", "iter_0000006"]  # keep=2 of this run
+
+    old = {name: (run_dir / name / "manifest.json").read_text() for name in _checkpoints(run_dir)}
+    fresh = run_pretrain(tiny_run_overrides(tiny_corpus, run_dir, steps=2) + [
+        "checkpoint.resume=false", "checkpoint.interval=1", "checkpoint.keep=1"])
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert "checkpoint.resume=false: starting from scratch; the 2 checkpoint(s)" in fresh.stdout
+    assert _checkpoints(run_dir) == ["iter_0000002", "iter_0000004", "iter_0000006"]
+    assert all((run_dir / name / "manifest.json").read_text() == text for name, text in old.items())
+    assert (run_dir / "latest").read_text() == "iter_0000002"
+    assert _steps(run_dir) == [1, 2]
+    kept = [p for p in run_dir.glob("metrics.*.jsonl")]
+    assert len(kept) == 1 and [r["step"] for r in map(json.loads, kept[0].read_text().splitlines())
+                               if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+# -- 2. one run per directory --------------------------------------------------------------------
+
+def test_a_second_run_on_the_same_directory_is_refused_and_a_stale_lock_is_taken_over(tiny_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = tiny_run_overrides(tiny_corpus, run_dir, steps=300) + ["logging.wandb.enabled=false",
+                                                                      "logging.progress=false"]
+    first = subprocess.Popen([sys.executable, "pretrain_thann.py", *overrides], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text():
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    second = run_pretrain(overrides)
+    assert second.returncode == EXIT_CONFIG
+    assert f"is in use by another run (pid {first.pid} on " in second.stderr
+    assert second.stderr.strip().endswith("or choose another checkpoint.dir") and second.stderr.count("\n") == 1
+    assert first.poll() is None, "the first run should still be training"
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=120) == EXIT_STOPPED
+    stopped_at = int((run_dir / "latest").read_text().removeprefix("iter_"))
+    assert _steps(run_dir) == list(range(1, stopped_at + 1))  # one valid JSON object per line, each step once
+
+    (run_dir / ".lock").write_text(json.dumps({"pid": 999999, "host": "gone", "started": "then"}))
+    again = run_pretrain(overrides + [f"train.stop_after_step={stopped_at + 1}"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "the previous run (pid 999999 on gone) ended without releasing it" in again.stdout
+
+
+# -- 3. resume with a changed config: continue training, follow the new schedule -----------------
+
+def test_raising_train_steps_continues_on_the_new_schedule(tiny_corpus, tmp_path):
+    def lrs(run_dir):
+        return {r["step"]: r["lr"] for r in read_metrics(run_dir) if r["split"] == "train"}
+
+    straight = run_pretrain(tiny_run_overrides(tiny_corpus, tmp_path / "straight", steps=10) + [
+        "train.eval_interval=10"])
+    assert straight.returncode == 0
+    short = tiny_run_overrides(tiny_corpus, tmp_path / "run", steps=6) + ["train.eval_interval=10"]
+    assert run_pretrain(short).returncode == 0
+    longer = run_pretrain(tiny_run_overrides(tiny_corpus, tmp_path / "run", steps=10) + [
+        "train.eval_interval=10", "train.global_batch_size=8"])
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "train.steps: 6 -> 10 (the schedule follows the new config)" in longer.stdout
+    assert "train.global_batch_size: 4 -> 8 (training continues at the same number of consumed samples)" in longer.stdout
+    resumed, expected = lrs(tmp_path / "run"), lrs(tmp_path / "straight")
+    assert resumed[6] == pytest.approx(3.0e-4)  # the 6-step run ended at min_lr
+    for step in range(7, 11):
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-6), step
+    assert resumed[7] > 2 * 3.0e-4  # not stuck at min_lr
+
+
+# -- 4. interrupts save; the default run saves on its way ---------------------------------------
+
+def test_ctrl_c_saves_and_exits_75_and_the_run_resumes(tiny_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = tiny_run_overrides(tiny_corpus, run_dir, steps=30) + ["logging.wandb.enabled=false",
+                                                                     "logging.progress=false"]
+    proc = subprocess.Popen([sys.executable, "pretrain_thann.py", *overrides], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not any(r.get("step", 0) >= 2 for r in (read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists()
+                                                    else [])):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == EXIT_STOPPED, output[-3000:]
+    assert "KeyboardInterrupt" not in output and "stopped by SIGINT" in output
+    stopped_at = int((run_dir / "latest").read_text().removeprefix("iter_"))
+    resumed = run_pretrain(overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {stopped_at}" in resumed.stdout
+    assert _steps(run_dir) == list(range(1, 31))
+
+
+SIGTERM_WHILE_BUILDING = """
+import os, signal
+from thann.tasks import lm_pretrain
+
+build_model = lm_pretrain.PretrainTask.build_model
+
+def build_model_then_sigterm(self, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # arrives while the run is still starting
+    return build_model(self, *args, **kwargs)
+
+lm_pretrain.PretrainTask.build_model = build_model_then_sigterm
+"""
+
+
+def test_sigterm_during_start_up_exits_75_without_a_checkpoint(tiny_corpus, tmp_path):
+    out = run_patched(SIGTERM_WHILE_BUILDING, tiny_run_overrides(tiny_corpus, tmp_path / "run"), tmp_path)
+    assert out.returncode == EXIT_STOPPED, out.stderr[-3000:]
+    assert "stopped by SIGTERM while starting" in out.stdout
+    assert _checkpoints(tmp_path / "run") == [] and not (tmp_path / "run" / "latest").exists()
+
+
+def test_the_default_run_saves_at_an_interval():
+    cfg = OmegaConf.load(os.path.join(ROOT, "configs", "checkpoint", "default.yaml"))
+    train = OmegaConf.load(os.path.join(ROOT, "configs", "train", "cpu_tiny.yaml"))
+    assert 0 < cfg.interval < train.steps
+
+
+# -- 5. damaged checkpoints: fall back to the previous intact one -------------------------------
+
+def _truncate_a_chunk(checkpoint):
+    chunk = next((checkpoint / "embedding.word_embeddings.weight" / "c").rglob("*"))
+    while chunk.is_dir():
+        chunk = next(chunk.iterdir())
+    chunk.write_bytes(chunk.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (_truncate_a_chunk, "checksum mismatch in array 'embedding.word_embeddings.weight'"),
+    (lambda c: (c / "manifest.json").unlink(), "no manifest.json (incomplete checkpoint)"),
+    (lambda c: (c.parent / "latest").write_text("iter_0000099"), "'latest' names iter_0000099, which is missing"),
+], ids=["truncated_chunk", "missing_manifest", "latest_names_a_missing_directory"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tiny_corpus, saved_at_2_and_4, tmp_path,
+                                                                    damage, reason):
+    run_dir = _copy(saved_at_2_and_4, tmp_path)
+    damage(run_dir / "iter_0000004")
+    out = run_pretrain(tiny_run_overrides(tiny_corpus, run_dir, steps=6) + ["checkpoint.interval=2"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed_from = "iter_0000002" if "latest" not in reason else "iter_0000004"
+    assert f"resuming from {run_dir / resumed_from}, the newest complete checkpoint that verifies" in out.stdout
+    assert reason in out.stdout
+    assert _steps(run_dir) == [1, 2, 3, 4, 5, 6]
+    assert (run_dir / "latest").read_text() == "iter_0000006"
+
+
+def test_no_intact_checkpoint_is_one_line_with_the_way_forward(tiny_corpus, saved_at_2_and_4, tmp_path):
+    run_dir = _copy(saved_at_2_and_4, tmp_path)
+    for name in ("iter_0000002", "iter_0000004"):
+        _truncate_a_chunk(run_dir / name)
+    out = run_pretrain(tiny_run_overrides(tiny_corpus, run_dir, steps=6))
+    assert out.returncode == EXIT_FAILED
+    last = out.stderr.strip().splitlines()[-1]
+    assert "holds checkpoints but none can be resumed" in last and "checkpoint.resume=false" in last
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("override, field", [
+    ("model.hidden_size=64", "model.hidden_size"),        # shape change on resume
+    ("train.steps=3", "train.steps"),                     # fewer steps than the checkpoint has
+])
+def test_resume_refuses_what_it_cannot_continue(tiny_corpus, saved_at_2_and_4, tmp_path, override, field):
+    run_dir = _copy(saved_at_2_and_4, tmp_path)
+    out = run_pretrain(tiny_run_overrides(tiny_corpus, run_dir, steps=6) + [override])
+    assert out.returncode == EXIT_CONFIG
+    assert out.stderr.strip().startswith(f"invalid config: {field}=") and out.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("override, message", [
+    ("checkpoint.format=foo", "invalid config: checkpoint.format='foo'"),
+    ("checkpoint.dir=/proc/thann_run", "invalid config: checkpoint.dir='/proc/thann_run': cannot be"),
+    ("train.warmup_steps=4", "invalid config: train.warmup_steps=4: must be in [0, train.steps=4)"),
+    ("train.stepz=3", "invalid config: train.stepz: no such field (did you mean train.steps?)"),
+    ("+train.stepz=3", "invalid config: train.stepz: no such field (did you mean train.steps?)"),
+    ("model=thann_huge", "invalid config: model=thann_huge: no such option (available:"),
+])
+def test_usage_errors_are_one_line_with_exit_2(tiny_corpus, tmp_path, override, message):
+    out = run_pretrain(tiny_run_overrides(tiny_corpus, tmp_path / "run") + [override], timeout=120)
+    assert out.returncode == EXIT_CONFIG
+    assert out.stderr.strip().startswith(message) and out.stderr.count("\n") == 1, out.stderr[-2000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_a_usage_error(tiny_corpus, tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    out = run_pretrain(tiny_run_overrides(tiny_corpus, tmp_path / "file"), timeout=120)
+    assert out.returncode == EXIT_CONFIG and "exists and is not a directory" in out.stderr
+    assert (tmp_path / "file").read_text() == "not a directory"
+
+
+LOW_ON_SPACE_AT_THE_SECOND_SAVE = """
+import shutil
+disk_usage = shutil.disk_usage
+calls = {"n": 0}
+
+def almost_full(path):
+    calls["n"] += 1
+    usage = disk_usage(path)
+    return usage._replace(free=1024) if calls["n"] >= 2 else usage
+
+shutil.disk_usage = almost_full
+"""
+
+DISK_FULL_WHILE_WRITING = """
+import errno, os
+from thann.checkpoint import zarr_store
+from thann.checkpoint import plain
+
+dump = plain.dump
+calls = {"n": 0}
+
+def dump_until_full(value, path, where):
+    if where == "common":
+        calls["n"] += 1
+    if calls["n"] >= 2:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    dump(value, path, where)
+
+plain.dump = dump_until_full
+"""
+
+
+@pytest.mark.parametrize("patch, cause", [
+    (LOW_ON_SPACE_AT_THE_SECOND_SAVE, "not enough free space in"),
+    (DISK_FULL_WHILE_WRITING, "No space left on device"),
+], ids=["checked_before_saving", "full_while_writing"])
+def test_a_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(tiny_corpus, tmp_path, patch, cause):
+    run_dir = tmp_path / "run"
+    overrides = tiny_run_overrides(tiny_corpus, run_dir, steps=4) + ["checkpoint.interval=2"]
+    out = run_patched(patch, overrides, tmp_path)
+    assert out.returncode == EXIT_FAILED, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert cause in last and "the run resumes from iter_0000002" in last and "Traceback" not in out.stderr
+    assert _checkpoints(run_dir) == ["iter_0000002"] and (run_dir / "latest").read_text() == "iter_0000002"
+    resumed = run_pretrain(overrides)
+    assert resumed.returncode == 0 and "at step 2" in resumed.stdout
+
+
+NAN_WEIGHTS_AFTER_STEP_1 = """
+import torch
+from thann.training import trainer as trainer_module
+
+optimizer_step = trainer_module.Trainer.optimizer_step
+
+def poisoned_optimizer_step(self, skip=False):
+    grad_norm = optimizer_step(self, skip)
+    if self.step == 2:  # after the last update, before the save
+        with torch.no_grad():
+            next(self.model[0].parameters()).view(-1)[0] = float("nan")
+    return grad_norm
+
+trainer_module.Trainer.optimizer_step = poisoned_optimizer_step
+"""
+
+
+def test_non_finite_weights_stop_with_exit_3_and_no_checkpoint(tiny_corpus, tmp_path):
+    out = run_patched(NAN_WEIGHTS_AFTER_STEP_1, tiny_run_overrides(tiny_corpus, tmp_path / "run", steps=2), tmp_path)
+    assert out.returncode == EXIT_NONFINITE, out.stderr[-3000:]
+    assert "refusing to save step 2: the model has NaN/inf weights" in out.stderr
+    assert _checkpoints(tmp_path / "run") == []

@@ -1,0 +1,162 @@
+"""``thann-generate`` / ``generate_thann.py``: generate with a trained checkpoint in any layout
+(configs/generate.yaml). Prompts come from ``prompt=`` or a JSON-lines ``prompts_file=``;
+results go to ``output=`` as JSON lines, or to the terminal (a single prompt streams its tokens
+as they are produced). Everything that can be wrong with the input is checked before the model
+is built, and reported in one line with exit code 2; nothing is written then."""
+
+import json
+import logging
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from thann.checkpoint.zarr_store import CorruptCheckpoint, PickledCheckpoint
+from thann.cli import EXIT_CONFIG, EXIT_FAILED, UsageError, load_config
+from thann.config import ConfigError, check_parallel, require
+from thann.data.chat import encode_prompt
+from thann.data.tokenizer import padded_vocab_size
+from thann.inference.generator import Generation, Generator
+from thann.inference.loading import checkpoint_path, load_weights, saved_config, saved_run, saved_tokenizer
+from thann.inference.sampling import SamplingParams
+
+
+def _prompts(cfg: DictConfig) -> list[str]:
+    require((cfg.prompt is None) != (cfg.prompts_file is None), "prompt", cfg.prompt,
+            "give exactly one of prompt=... and prompts_file=...")
+    if cfg.prompt is not None:
+        return [str(cfg.prompt)]
+    require(os.path.isfile(cfg.prompts_file), "prompts_file", cfg.prompts_file, "no such file")
+    prompts = []
+    with open(cfg.prompts_file, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise ConfigError("prompts_file", f"{cfg.prompts_file}:{number}", "not a JSON object") from None
+            require(isinstance(record, dict) and isinstance(record.get("prompt"), str), "prompts_file",
+                    f"{cfg.prompts_file}:{number}", 'expected {"prompt": "..."}')
+            prompts.append(record["prompt"])
+    require(bool(prompts), "prompts_file", cfg.prompts_file, "holds no prompt")
+    return prompts
+
+
+def _sampling(cfg: DictConfig) -> SamplingParams:
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=float(cfg.temperature),
+                            top_k=cfg.top_k, top_p=float(cfg.top_p), seed=cfg.seed,
+                            stop_strings=tuple(str(s) for s in cfg.stop))
+    try:
+        params.check()
+    except ValueError as e:
+        field, _, reason = str(e).partition(": ")
+        name, _, value = field.partition("=")
+        raise ConfigError(name, value, reason) from None
+    return params
+
+
+def _prepare(cfg: DictConfig):
+    """Every check that needs no model: the checkpoint, its tokenizer, the prompts, sampling."""
+    path = checkpoint_path(str(cfg.load), "load")
+    metadata = saved_run(path, "load")
+    saved = saved_config(metadata)
+    tokenizer = saved_tokenizer(metadata, cfg.tokenizer, "tokenizer")
+    params = _sampling(cfg)
+    texts = _prompts(cfg)
+    template = "chat" if cfg.chat else "{prompt}"
+    prompts = [encode_prompt(tokenizer, text, template) if text else [] for text in texts]
+    budget = cfg.max_sequence_length or saved.train.seq_length
+    for i, (text, ids) in enumerate(zip(texts, prompts)):
+        where = "prompt" if cfg.prompt is not None else f"prompts_file[{i}]"
+        require(bool(text.strip()), where, text, "is empty")
+        require(len(ids) < budget, where, text[:40] + ("..." if len(text) > 40 else ""),
+                f"is {len(ids)} tokens; max_sequence_length={budget} leaves no room for a new token")
+    return path, saved, tokenizer, params, texts, prompts, budget
+
+
+def _build(cfg: DictConfig, saved: DictConfig, tokenizer, path: str, dp: int):
+    from megatron.core import parallel_state
+
+    from thann.models import language
+    from thann.parallel import state
+
+    family = language.family(saved.model)
+    family.check(saved.model, cfg.parallel, "none")
+    layout = state.initialize(cfg.parallel, dp, cfg.seed)
+    bf16 = torch.cuda.is_available() if cfg.precision == "auto" else cfg.precision == "bf16"
+    config = family.transformer_config(saved.model, cfg.parallel, bf16=bf16)
+    model = family.build(config, saved.model, padded_vocab_size(tokenizer.vocab_size, layout.tp),
+                         saved.train.seq_length, parallel_state.is_pipeline_first_stage(),
+                         parallel_state.is_pipeline_last_stage()).to(state.device())
+    if bf16:
+        model = model.to(torch.bfloat16)
+    load_weights([model], path)
+    return [model], layout
+
+
+def _record(index: int, text: str, result: Generation) -> dict:
+    return {"index": index, "prompt": text, "text": result.text, "tokens": result.tokens,
+            "logprobs": result.logprobs, "finish_reason": result.finish_reason}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    rank0 = os.environ.get("RANK", "0") == "0"
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    try:
+        cfg = load_config("generate", argv)
+        dp = check_parallel(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")))
+        path, saved, tokenizer, params, texts, prompts, budget = _prepare(cfg)
+        if cfg.output is not None:
+            require(not os.path.isdir(cfg.output), "output", cfg.output, "is a directory")
+        chunks, layout = _build(cfg, saved, tokenizer, path, dp)
+    except (UsageError, ConfigError, PickledCheckpoint) as e:
+        if rank0:
+            print(e, file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    except CorruptCheckpoint as e:
+        if rank0:
+            print(f"cannot load {cfg.load}: {e}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
+    from megatron.core import parallel_state
+
+    from thann.parallel import state
+
+    generator = Generator(chunks, tokenizer, budget)
+    # Data-parallel ranks share out the prompts, except under expert parallelism: its groups span
+    # data-parallel ranks, whose steps must then match one for one, so each runs every prompt.
+    shares = dp if layout.ep == 1 else 1
+    share = parallel_state.get_data_parallel_rank() if shares > 1 else 0
+    mine = list(range(share * cfg.batch_size, len(prompts), shares * cfg.batch_size))
+    stream = cfg.prompt is not None and cfg.output is None and rank0
+    shown = {"chars": 0}
+
+    def print_new_text(row: int, result: Generation) -> None:
+        print(result.text[shown["chars"]:], end="", flush=True)
+        shown["chars"] = len(result.text)
+
+    if stream:
+        print(texts[0], end="", flush=True)
+    records = []
+    for first in mine:
+        batch = prompts[first:first + cfg.batch_size]
+        results = generator.generate(batch, params, first_index=first, on_token=print_new_text if stream else None)
+        records += [_record(first + i, texts[first + i], r) for i, r in enumerate(results)]
+    gathered = [None] * dp
+    dist.all_gather_object(gathered, records, group=parallel_state.get_data_parallel_group())
+    records = sorted({r["index"]: r for part in gathered for r in part}.values(), key=lambda r: r["index"])
+    if stream:
+        print(f"\n[{records[0]['finish_reason']}: {len(records[0]['tokens'])} tokens]")
+    elif rank0:
+        lines = "".join(json.dumps(r) + "\n" for r in records)
+        if cfg.output is None:
+            sys.stdout.write(lines)
+        else:
+            with open(cfg.output + ".tmp", "w") as f:
+                f.write(lines)
+            os.replace(cfg.output + ".tmp", cfg.output)
+            print(f"wrote {cfg.output}: {len(records)} generations (layout {layout.describe()})")
+    state.destroy()

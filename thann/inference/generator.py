@@ -1,0 +1,176 @@
+"""Batched generation with a cache, in any parallel layout.
+
+Each pipeline stage's model keeps the state of the sequences being generated in an inference
+context it creates (``new_inference_context``): megatron-core's static KV cache plus the learnt
+tokenization's state for THANN, the recurrent state of each node for NNN. A step feeds every
+sequence one new position through megatron-core's pipeline schedule (forward only), so the
+same loop runs on one rank, across pipeline stages and across tensor/expert-parallel ranks; the
+last stage chooses the next tokens and sends them to the other stages.
+
+Prompts of different lengths share positions without padding: the batch is prefilled up to the
+shortest prompt, then each step feeds every row its next prompt token while it still has one
+(teacher forcing) and its chosen token afterwards. Rows that finished are fed the end-of-document
+token until the whole batch is done; their outputs are ignored.
+
+Sequence parallelism splits sequences over tensor-parallel ranks, and a step of one token cannot
+be split: while generating, the model runs with sequence parallelism off (the same weights; only
+the communication changes) and it is switched back afterwards.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.utils import set_model_to_sequence_parallel
+from megatron.core.utils import unwrap_model
+
+from thann.data.tokenizer import Tokenizer
+from thann.inference.sampling import SamplingParams, choose, row_generator
+from thann.parallel import state
+
+
+@dataclass
+class Generation:
+    """One prompt's result. ``logprobs[i]`` is the log-probability of ``tokens[i]`` under the
+    model's own next-token distribution: the softmax of the raw logits, before temperature,
+    top-k or top-p reshape the distribution the token was drawn from (so a training forward of
+    the same sequence reproduces it, as PPO needs)."""
+
+    prompt_tokens: list[int]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = ""  # "stop" (end token or stop string), "length" (budget or context full)
+    logits: list[torch.Tensor] | None = None  # per generated token, with keep_logits=True
+
+
+class Generator:
+    def __init__(self, model_chunks: list, tokenizer: Tokenizer, max_sequence_length: int):
+        self.chunks = model_chunks
+        self.tokenizer = tokenizer
+        self.max_sequence_length = max_sequence_length
+        self.stop_ids = {tokenizer.eod} | {tokenizer.special_ids[t] for t in ("<|im_end|>",)
+                                           if t in tokenizer.special_ids}
+        self.schedule = get_forward_backward_func()
+
+    def check_prompts(self, prompts: list[list[int]]) -> None:
+        """Raises ValueError naming the first prompt that cannot be generated from."""
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty")
+            if len(prompt) >= self.max_sequence_length:
+                raise ValueError(f"prompt {i} has {len(prompt)} tokens; the sequence budget is "
+                                 f"{self.max_sequence_length} (prompt and new tokens)")
+
+    # -- one step through the pipeline ---------------------------------------------------------
+
+    def _forward(self, contexts: dict, tokens_BQ: torch.Tensor, offset: int) -> torch.Tensor | None:
+        """Logits [B, V] of the last fed position on the last stage (None elsewhere)."""
+        B, Q = tokens_BQ.shape
+        positions_BQ = torch.arange(offset, offset + Q, device=tokens_BQ.device).expand(B, Q)
+
+        def forward_step(data_iterator, model):
+            output = model(tokens_BQ, positions_BQ, None, inference_context=contexts[id(model)])
+            return output, lambda output, non_loss_data=False: output
+
+        outputs = self.schedule(forward_step_func=forward_step, data_iterator=None, model=self.chunks,
+                                num_microbatches=1, seq_length=Q, micro_batch_size=B, forward_only=True,
+                                collect_non_loss_data=True)
+        for context in contexts.values():
+            context.advance(Q)
+        if not parallel_state.is_pipeline_last_stage():
+            return None
+        return outputs[0][:, -1, : self.tokenizer.vocab_size].float()
+
+    def _share(self, values: torch.Tensor) -> torch.Tensor:
+        """The last stage's values, on every stage."""
+        dist.broadcast(values, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+        return values
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams, first_index: int = 0,
+                 on_token: Callable[[int, Generation], None] | None = None,
+                 keep_logits: bool = False) -> list[Generation]:
+        """Continues every prompt; returns one Generation per prompt, on every rank.
+        ``first_index``: the prompts' position in a larger request, which seeds their random
+        streams. ``on_token(row, generation)`` is called after each new token (streaming)."""
+        params.check()
+        self.check_prompts(prompts)
+        results = [Generation(list(p), logits=[] if keep_logits else None) for p in prompts]
+        streams = [row_generator(params.seed, first_index + i) for i in range(len(prompts))]
+        lengths = [len(p) for p in prompts]
+        B, device = len(prompts), state.device()
+        end = min(self.max_sequence_length, max(lengths) + params.max_new_tokens)
+        modules = [unwrap_model(chunk) for chunk in self.chunks]
+        contexts = {id(chunk): module.new_inference_context(B, end) for chunk, module in zip(self.chunks, modules)}
+        was_training = [chunk.training for chunk in self.chunks]
+        sequence_parallel = modules[0].config.sequence_parallel
+        for chunk in self.chunks:
+            chunk.eval()
+        if sequence_parallel:
+            for module in modules:
+                set_model_to_sequence_parallel(module, False)
+        try:
+            start = min(lengths)
+            fed = torch.tensor([p[:start] for p in prompts], device=device)
+            offset, finished = 0, [False] * B
+            while True:
+                logits_BV = self._forward(contexts, fed, offset)
+                offset += fed.size(1)
+                chosen = torch.zeros(B, dtype=torch.long, device=device)
+                logprobs = torch.zeros(B, dtype=torch.float32, device=device)
+                if logits_BV is not None:
+                    logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
+                    for i in range(B):
+                        if offset < lengths[i] or finished[i]:
+                            continue
+                        chosen[i] = choose(logits_BV[i], params, streams[i])
+                        logprobs[i] = logprobs_BV[i, chosen[i]]
+                        if keep_logits:
+                            results[i].logits.append(logits_BV[i].cpu())
+                self._share(chosen)
+                self._share(logprobs)
+                next_tokens = []
+                for i, result in enumerate(results):
+                    if offset < lengths[i]:
+                        next_tokens.append(prompts[i][offset])  # still reading its prompt
+                    elif finished[i]:
+                        next_tokens.append(self.tokenizer.eod)
+                    else:
+                        self._append(result, int(chosen[i]), float(logprobs[i]), params, offset + 1 >= end)
+                        finished[i] = bool(result.finish_reason)
+                        next_tokens.append(int(chosen[i]))
+                        if on_token is not None:
+                            on_token(i, result)
+                if all(finished) or offset >= end:
+                    break
+                fed = torch.tensor(next_tokens, device=device).unsqueeze(1)
+        finally:
+            if sequence_parallel:
+                for module in modules:
+                    set_model_to_sequence_parallel(module, True)
+            for chunk, training in zip(self.chunks, was_training):
+                chunk.train(training)
+        return results
+
+    def _append(self, result: Generation, token: int, logprob: float, params: SamplingParams, full: bool) -> None:
+        result.tokens.append(token)
+        result.logprobs.append(logprob)
+        if token in self.stop_ids:
+            result.finish_reason = "stop"
+            result.text = self.tokenizer.decode(result.tokens[:-1])
+            return
+        result.text = self.tokenizer.decode(result.tokens)
+        for stop in params.stop_strings:
+            if stop and stop in result.text:
+                result.text = result.text[: result.text.index(stop)]
+                result.finish_reason = "stop"
+                return
+        if len(result.tokens) >= params.max_new_tokens or full:
+            result.finish_reason = "length"

@@ -1,0 +1,52 @@
+"""Choosing the next token: greedy, or sampling with temperature, top-k and top-p, each row
+from a random stream of its own (so a sequence's tokens do not depend on what it is batched
+with, nor on the parallel layout)."""
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy (argmax)
+    top_k: int = 0  # 0: every token
+    top_p: float = 1.0  # nucleus: the smallest set of tokens whose probability reaches top_p
+    seed: int = 1234
+    stop_strings: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        """Raises ValueError naming the first bad field."""
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: must be an integer >= 1")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature!r}: must be >= 0 (0 is greedy)")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"top_k={self.top_k!r}: must be an integer >= 0 (0 keeps every token)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r}: must be in (0, 1]")
+
+
+def row_generator(seed: int, row: int) -> torch.Generator:
+    """The random stream of sequence ``row`` (its index among all prompts of a request)."""
+    digest = hashlib.sha256(f"{seed}:{row}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def choose(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """The next token from one row's logits (float32, real vocabulary only)."""
+    if params.temperature == 0:
+        return int(logits_V.argmax())
+    scores = logits_V.float().cpu() / params.temperature
+    if params.top_k:
+        kth = torch.topk(scores, min(params.top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1:
+        sorted_scores, order = scores.sort(descending=True)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens before it already reach top_p (the first always stays).
+        drop = (cumulative - sorted_scores.softmax(-1)) >= params.top_p
+        scores[order[drop]] = float("-inf")
+    return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
