@@ -17,7 +17,6 @@ import time
 
 import torch
 from hydra import compose, initialize_config_dir
-from torch.overrides import TorchFunctionMode
 
 from thann.cli import CONFIG_DIR
 from thann.parallel import cpu_accommodations

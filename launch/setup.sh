@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up THANN on a fresh machine, idempotently: a virtualenv in .venv, PyTorch (the CPU build
-# where there is no GPU), THANN with its extras, and the default corpus in data/.
+# where there is no GPU), THANN with its extras, and the default corpora in data/ (text and pairs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,4 +13,7 @@ fi
 
 if [ ! -f data/sharegpt_text.idx ]; then
     .venv/bin/python -m thann.data.preprocess --corpus sharegpt_text --output-prefix data/sharegpt_text --workers 2
+fi
+if [ ! -f data/sharegpt_pairs.idx ]; then  # retrieval pairs for pretrain_contrastive.py (~5 s)
+    .venv/bin/python -m thann.data.preprocess --corpus sharegpt_pairs --output-prefix data/sharegpt_pairs --workers 2
 fi

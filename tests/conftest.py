@@ -67,6 +67,30 @@ def run_patched(patch: str, overrides: list[str], script_dir, nproc: int = 1, ti
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def start_pretrain(overrides: list[str]) -> subprocess.Popen:
+    """pretrain_thann.py in the background (output merged into stdout), to signal or race."""
+    return subprocess.Popen([sys.executable, "pretrain_thann.py", "logging.wandb.enabled=false",
+                             "logging.progress=false", *overrides], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_step(run_dir, step: int, proc, timeout: float = 120) -> None:
+    """Until ``run_dir/metrics.jsonl`` has a record of ``step`` or later (step 0: the first
+    validation), while ``proc`` keeps running."""
+    import time
+
+    path = os.path.join(str(run_dir), "metrics.jsonl")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it reached step %d" % step
+        if os.path.exists(path):
+            with open(path) as f:
+                if any(json.loads(line).get("step", -1) >= step for line in f if line.strip()):
+                    return
+        time.sleep(0.2)
+    raise TimeoutError(f"step {step} not reached")
+
+
 def read_metrics(run_dir) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -86,6 +110,28 @@ def tiny_chat_corpus(tmp_path_factory) -> str:
 
     prefix = str(tmp_path_factory.mktemp("chat_corpus") / "sharegpt_chat_small")
     preprocess(sharegpt_chat(), prefix, workers=1, limit=300, loss_mask=True)
+    return prefix
+
+
+@pytest.fixture(scope="session")
+def pairs_with_negatives(tmp_path_factory):
+    """200 ShareGPT pairs written as pair records, each with another pair's reply as its hard
+    negative, preprocessed as pairs; returns the dataset prefix."""
+    from thann.data.corpora import sharegpt_pairs
+    from thann.data.preprocess import preprocess
+    from thann.data.readers import read_inputs
+
+    base = tmp_path_factory.mktemp("pairs")
+    pairs = []
+    for document in sharegpt_pairs():
+        pairs.append(document.pair)
+        if len(pairs) == 200:
+            break
+    with open(base / "pairs.jsonl", "w") as f:
+        for i, (query, positive) in enumerate(pairs):
+            f.write(json.dumps({"query": query, "positive": positive, "negatives": [pairs[i - 1][1]]}) + "\n")
+    prefix = str(base / "pairs")
+    preprocess(read_inputs([str(base / "pairs.jsonl")], pairs=True), prefix)
     return prefix
 
 

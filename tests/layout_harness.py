@@ -20,7 +20,6 @@ from hydra import compose, initialize_config_dir
 from thann.checkpoint.full_state import gather_full, load_full, model_sharded_tensors
 from thann.cli import CONFIG_DIR
 from thann.tasks.lm_pretrain import PretrainTask
-from thann.parallel import state
 from thann.training.trainer import Trainer
 
 

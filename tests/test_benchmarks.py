@@ -36,3 +36,12 @@ def test_cpu_accommodations_benchmark_counts_calls_through_the_mode(tiny_corpus,
     assert out.returncode == 0, out.stderr[-3000:]
     calls = re.search(r"torch calls through the mode\s+(\d+) per step", out.stdout)
     assert calls and int(calls.group(1)) > 100, out.stdout
+
+
+def test_contrastive_memory_benchmark_prints_a_row_per_global_batch(pairs_with_negatives):
+    out = subprocess.run([sys.executable, "benchmarks/contrastive_memory.py", "--global-batches", "4", "--micro-batch",
+                          "2", "--steps", "1", "--data", pairs_with_negatives], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    row = re.search(r"^\s+4\s+(\d+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)$", out.stdout, re.MULTILINE)
+    assert row and all(float(v) > 0 for v in row.groups()), out.stdout

@@ -1,7 +1,6 @@
 """Checkpoints: exact resume, resharding across layouts, plain-zarr readability, corruption and
 crashes during save."""
 
-import json
 import os
 import shutil
 import subprocess

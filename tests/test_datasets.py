@@ -1,7 +1,5 @@
 """Datasets in training: blending by weight, the assistant loss mask, the tokenizer of a resume."""
 
-import numpy as np
-import pytest
 
 from conftest import data_cfg, run_pretrain, tiny_run_overrides
 from thann.data.datasets import build_datasets

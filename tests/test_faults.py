@@ -1,30 +1,17 @@
 """Signals, crashes and non-finite losses: the run saves and resumes, restarts, or stops clearly."""
 
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
 
-from conftest import ROOT, read_metrics, run_pretrain, tiny_run_overrides
+from conftest import ROOT, read_metrics, run_pretrain, start_pretrain, tiny_run_overrides, wait_for_step
 
 EXIT_STOPPED, EXIT_NONFINITE = 75, 3
-
-
-def _wait_for_step(run_dir, step: int, proc, timeout: float = 120) -> None:
-    path = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the run ended before it could be signalled"
-        if path.exists() and any(json.loads(l).get("step", 0) >= step for l in path.read_text().splitlines()):
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"step {step} not reached")
 
 
 def _train_losses(run_dir):
@@ -36,9 +23,8 @@ def test_sigterm_saves_stops_and_the_next_start_continues_exactly(tiny_corpus, t
     assert straight.returncode == 0
     overrides = tiny_run_overrides(tiny_corpus, tmp_path / "run", steps=30) + [
         "logging.wandb.enabled=false", "logging.progress=false"]
-    proc = subprocess.Popen([sys.executable, "pretrain_thann.py", *overrides], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for_step(tmp_path / "run", 3, proc)
+    proc = start_pretrain(overrides)
+    wait_for_step(tmp_path / "run", 3, proc)
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == EXIT_STOPPED, output[-3000:]
@@ -56,7 +42,7 @@ def test_sigusr1_to_one_rank_stops_both_ranks_after_the_same_step(tiny_corpus, t
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
                              "pretrain_thann.py", *overrides], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    _wait_for_step(tmp_path, 2, proc)
+    wait_for_step(tmp_path, 2, proc)
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "pretrain_thann.py" in " ".join(p.cmdline())]
     rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
     rank1.send_signal(signal.SIGUSR1)

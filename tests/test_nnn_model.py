@@ -404,3 +404,17 @@ def test_two_stages_under_the_pipeline_schedule_train_like_the_whole_model():
 
 if __name__ == "__main__":
     _pipeline_worker()
+
+
+def test_bitlinear_without_gradients_requantises_after_an_update():
+    from thann.models.nnn.bitlinear import BitLinear
+
+    layer = BitLinear(16, 8)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        before = layer(x)
+        assert torch.equal(layer(x), before)  # the cached ternary weight
+        layer.weight.mul_(-1)  # an in-place update, as an optimizer step makes
+        after = layer(x)
+    torch.testing.assert_close(after, -before, rtol=0, atol=0)
+    torch.testing.assert_close(layer(x).detach(), after, rtol=0, atol=0)  # the training path agrees

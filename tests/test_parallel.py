@@ -101,7 +101,7 @@ def chat_layout_runs(tiny_chat_corpus, tmp_path_factory):
     """First-step loss and gradient on assistant-masked chat data, 2 micro-batches per rank, with
     no auxiliary loss: on one rank and on two data-parallel ranks."""
     base = tmp_path_factory.mktemp("chat_layouts")
-    chat = [f"data.loss_mask=assistant", "model.moe_aux_loss_coeff=0.0", "train.global_batch_size=4"]
+    chat = ["data.loss_mask=assistant", "model.moe_aux_loss_coeff=0.0", "train.global_batch_size=4"]
     runs = {}
     for name, nproc, layout in (("single", 1, ["train.micro_batch_size=2"]), ("dp2", 2, ["train.micro_batch_size=1"])):
         run_dir = base / name

@@ -5,14 +5,11 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT, read_metrics, run_patched, run_pretrain, tiny_run_overrides
+from conftest import ROOT, read_metrics, run_patched, run_pretrain, start_pretrain, tiny_run_overrides, wait_for_step
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_NONFINITE, EXIT_STOPPED = 1, 2, 3, 75
 
@@ -73,12 +70,8 @@ def test_a_second_run_on_the_same_directory_is_refused_and_a_stale_lock_is_taken
     run_dir = tmp_path / "run"
     overrides = tiny_run_overrides(tiny_corpus, run_dir, steps=300) + ["logging.wandb.enabled=false",
                                                                       "logging.progress=false"]
-    first = subprocess.Popen([sys.executable, "pretrain_thann.py", *overrides], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text():
-        assert first.poll() is None and time.monotonic() < deadline
-        time.sleep(0.2)
+    first = start_pretrain(overrides)
+    wait_for_step(run_dir, 0, first)
     second = run_pretrain(overrides)
     assert second.returncode == EXIT_CONFIG
     assert f"is in use by another run (pid {first.pid} on " in second.stderr
@@ -124,13 +117,8 @@ def test_ctrl_c_saves_and_exits_75_and_the_run_resumes(tiny_corpus, tmp_path):
     run_dir = tmp_path / "run"
     overrides = tiny_run_overrides(tiny_corpus, run_dir, steps=30) + ["logging.wandb.enabled=false",
                                                                      "logging.progress=false"]
-    proc = subprocess.Popen([sys.executable, "pretrain_thann.py", *overrides], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while not any(r.get("step", 0) >= 2 for r in (read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists()
-                                                    else [])):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.2)
+    proc = start_pretrain(overrides)
+    wait_for_step(run_dir, 2, proc)
     proc.send_signal(signal.SIGINT)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == EXIT_STOPPED, output[-3000:]

@@ -74,6 +74,23 @@ def _is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def exit_on_bad_input(prepare):
+    """``prepare()``'s result; a config or input problem (exit 2) or a checkpoint that cannot be
+    read (exit 1) ends the process with one line, printed by rank 0, before anything is written."""
+    from thann.checkpoint.zarr_store import CorruptCheckpoint, PickledCheckpoint
+    from thann.config import ConfigError
+
+    try:
+        return prepare()
+    except (UsageError, ConfigError, PickledCheckpoint) as e:
+        code, message = EXIT_CONFIG, str(e)
+    except CorruptCheckpoint as e:
+        code, message = EXIT_FAILED, f"cannot load the checkpoint: {e}"
+    if _is_rank_zero():
+        print(message, file=sys.stderr)
+    sys.exit(code)
+
+
 def run_task(task_class, config_name: str, argv: list[str] | None = None) -> None:
     """Runs ``task_class`` on the training loop with ``configs/<config_name>.yaml``; exits with
     the codes above."""
@@ -145,3 +162,9 @@ def contrastive() -> None:
     from thann.tasks.contrastive import ContrastiveTask
 
     run_task(ContrastiveTask, "contrastive")
+
+
+def classify() -> None:
+    from thann.tasks.classify import ClassifyTask
+
+    run_task(ClassifyTask, "classify")

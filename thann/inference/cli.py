@@ -11,10 +11,9 @@ import sys
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from thann.checkpoint.zarr_store import CorruptCheckpoint, PickledCheckpoint
-from thann.cli import EXIT_CONFIG, EXIT_FAILED, UsageError, load_config
+from thann.cli import exit_on_bad_input, load_config
 from thann.config import ConfigError, check_parallel, require
 from thann.data.chat import encode_prompt
 from thann.data.tokenizer import padded_vocab_size
@@ -58,17 +57,36 @@ def _sampling(cfg: DictConfig) -> SamplingParams:
     return params
 
 
-def _prepare(cfg: DictConfig):
-    """Every check that needs no model: the checkpoint, its tokenizer, the prompts, sampling."""
+def _saved(cfg: DictConfig) -> tuple[str, dict, DictConfig]:
+    """(path, metadata, saved config) of ``load``: a checkpoint, or an NNN packed export (whose
+    metadata holds the model config and the tokenizer, not a sequence length)."""
+    if os.path.isfile(str(cfg.load)):
+        from thann.models.nnn.pack import packed_metadata
+
+        try:
+            packed = packed_metadata(str(cfg.load))
+        except ValueError as e:
+            raise ConfigError("load", cfg.load, str(e).split(": ", 1)[-1]) from None
+        require(all(cfg.parallel[k] == 1 for k in ("tp", "pp", "ep")), "parallel", dict(cfg.parallel),
+                "a packed export is generated from on one rank")
+        model = json.loads(packed["model_config"])
+        metadata = {"tokenizer": json.loads(packed["tokenizer"]), "config": {"model": model}}
+        return str(cfg.load), metadata, OmegaConf.create({"model": model, "train": {"seq_length": None}})
     path = checkpoint_path(str(cfg.load), "load")
     metadata = saved_run(path, "load")
-    saved = saved_config(metadata)
+    return path, metadata, saved_config(metadata)
+
+
+def _prepare(cfg: DictConfig):
+    """Every check that needs no model: the checkpoint, its tokenizer, the prompts, sampling."""
+    path, metadata, saved = _saved(cfg)
     tokenizer = saved_tokenizer(metadata, cfg.tokenizer, "tokenizer")
     params = _sampling(cfg)
     texts = _prompts(cfg)
     template = "chat" if cfg.chat else "{prompt}"
     prompts = [encode_prompt(tokenizer, text, template) if text else [] for text in texts]
     budget = cfg.max_sequence_length or saved.train.seq_length
+    require(budget is not None, "max_sequence_length", None, "give it for a packed export (it records no sequence length)")
     for i, (text, ids) in enumerate(zip(texts, prompts)):
         where = "prompt" if cfg.prompt is not None else f"prompts_file[{i}]"
         require(bool(text.strip()), where, text, "is empty")
@@ -83,6 +101,11 @@ def _build(cfg: DictConfig, saved: DictConfig, tokenizer, path: str, dp: int):
     from thann.models import language
     from thann.parallel import state
 
+    if os.path.isfile(path):  # an NNN packed export: ternary weights, one rank
+        from thann.models.nnn.pack import load_packed
+
+        layout = state.initialize(cfg.parallel, dp, cfg.seed)
+        return [load_packed(path).to(state.device())], layout
     family = language.family(saved.model)
     family.check(saved.model, cfg.parallel, "none")
     layout = state.initialize(cfg.parallel, dp, cfg.seed)
@@ -106,21 +129,16 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     rank0 = os.environ.get("RANK", "0") == "0"
     logging.getLogger("megatron").setLevel(logging.WARNING)
-    try:
+
+    def prepare():
         cfg = load_config("generate", argv)
         dp = check_parallel(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")))
         path, saved, tokenizer, params, texts, prompts, budget = _prepare(cfg)
         if cfg.output is not None:
             require(not os.path.isdir(cfg.output), "output", cfg.output, "is a directory")
-        chunks, layout = _build(cfg, saved, tokenizer, path, dp)
-    except (UsageError, ConfigError, PickledCheckpoint) as e:
-        if rank0:
-            print(e, file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
-    except CorruptCheckpoint as e:
-        if rank0:
-            print(f"cannot load {cfg.load}: {e}", file=sys.stderr)
-        sys.exit(EXIT_FAILED)
+        return cfg, dp, tokenizer, params, texts, prompts, budget, *_build(cfg, saved, tokenizer, path, dp)
+
+    cfg, dp, tokenizer, params, texts, prompts, budget, chunks, layout = exit_on_bad_input(prepare)
     from megatron.core import parallel_state
 
     from thann.parallel import state

@@ -3,6 +3,7 @@ and the generator need from a model family, and nothing else.
 
     thann   the MoE transformer with learnt tokenization (thann.models.thann)
     nnn     the cascade of matmul-free nodes (thann.models.nnn)
+    gpt     a dense transformer, the parameter-matched baseline (thann.models.gpt)
 
 A family checks its config (alone and against the layout), makes megatron-core's
 TransformerConfig, builds one pipeline stage and counts its training FLOPs per token.
@@ -22,6 +23,7 @@ class LanguageModelFamily:
     transformer_config: Callable  # (model_cfg, parallel_cfg, *, bf16, recompute) -> TransformerConfig
     build: Callable  # (config, model_cfg, vocab_size, max_sequence_length, pre_process, post_process) -> module
     flops_per_token: Callable  # (model_cfg, vocab_size, seq_length) -> float
+    num_parameters: Callable  # (model_cfg, vocab_size) -> int, from the shape alone
     # Model config fields a resumed run may change (the rest is the model's shape).
     resumable_changes: tuple[str, ...]
 
@@ -44,6 +46,7 @@ def _thann() -> LanguageModelFamily:
         return model_size(model_cfg, vocab_size).flops_per_token(model_cfg, vocab_size, seq_length)
 
     return LanguageModelFamily(check, transformer_config, build, flops,
+                               lambda model_cfg, vocab_size: model_size(model_cfg, vocab_size).total,
                                ("name", "dropout", "moe_aux_loss_coeff", "init_method_std"))
 
 
@@ -71,10 +74,26 @@ def _nnn() -> LanguageModelFamily:
         embedding = vocab_size * model_cfg.hidden_size
         return 6 * (num_parameters(model_cfg, vocab_size) - embedding)
 
-    return LanguageModelFamily(check, transformer_config, build, flops, ("name", "init_method_std"))
+    return LanguageModelFamily(check, transformer_config, build, flops, num_parameters, ("name", "init_method_std"))
 
 
-_FAMILIES = {"thann": _thann, "nnn": _nnn}
+def _gpt() -> LanguageModelFamily:
+    from thann.models.gpt.model import DenseGPT, check, dense_transformer_config, num_parameters
+
+    def build(config, model_cfg, vocab_size, max_sequence_length, pre_process, post_process):
+        return DenseGPT(config, model_cfg, vocab_size, max_sequence_length, pre_process, post_process)
+
+    def flops(model_cfg, vocab_size, seq_length):
+        h = model_cfg.hidden_size
+        embedding = vocab_size * h * (1 if model_cfg.tie_embeddings else 2)
+        return 6 * (num_parameters(model_cfg, vocab_size) - embedding) + 6 * h * vocab_size + \
+            12 * model_cfg.num_layers * h * seq_length
+
+    return LanguageModelFamily(check, dense_transformer_config, build, flops, num_parameters,
+                               ("name", "dropout", "init_method_std"))
+
+
+_FAMILIES = {"thann": _thann, "nnn": _nnn, "gpt": _gpt}
 
 
 def family(model_cfg: DictConfig) -> LanguageModelFamily:

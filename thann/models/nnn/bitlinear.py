@@ -55,6 +55,7 @@ class BitLinear(torch.nn.Module):
         self.norm = torch.nn.RMSNorm(in_features, eps=NORM_EPS, dtype=dtype)
         self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
         (init_method or (lambda w: torch.nn.init.normal_(w, std=0.02)))(self.weight)
+        self._inference_weight = (None, None)  # (the weight's version, its dequantised ternary form)
 
     def ternary_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(int8 values in {-1, 0, 1}, scale s in at least float32): the layer computes with ternary / s."""
@@ -62,8 +63,16 @@ class BitLinear(torch.nn.Module):
         return ternary.to(torch.int8), scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ternary, scale = ternarize(self.weight)
-        return bitlinear(x, self.norm, _straight_through(self.weight, (ternary / scale).to(self.weight.dtype)))
+        if torch.is_grad_enabled():
+            ternary, scale = ternarize(self.weight)
+            return bitlinear(x, self.norm, _straight_through(self.weight, (ternary / scale).to(self.weight.dtype)))
+        # Without gradients (generation, evaluation) the weight is quantised once per version
+        # of it (an optimizer step makes a new one), not once per token.
+        version = (self.weight._version, self.weight.data_ptr(), self.weight.dtype)
+        if self._inference_weight[0] != version:
+            ternary, scale = ternarize(self.weight)
+            self._inference_weight = (version, (ternary / scale).to(self.weight.dtype))
+        return bitlinear(x, self.norm, self._inference_weight[1])
 
 
 class TernaryLinear(torch.nn.Module):

@@ -42,8 +42,9 @@ def unpack_ternary(packed_OQ: torch.Tensor, in_features: int) -> torch.Tensor:
     return (codes_OQ4.flatten(1)[:, :in_features].to(torch.int8) - 1)
 
 
-def export_packed(model: NNNModel, path: str) -> None:
-    """Writes a whole (single-stage) model's weights to ``path``."""
+def export_packed(model: NNNModel, path: str, tokenizer: dict | None = None) -> None:
+    """Writes a whole (single-stage) model's weights to ``path``, with the identity of the
+    tokenizer it was trained with (thann.data.tokenizer.Tokenizer.identity) for generation."""
     if not (model.pre_process and model.post_process):
         raise ValueError("export a whole model (pre_process and post_process), not one pipeline stage")
     tensors = {}
@@ -59,16 +60,26 @@ def export_packed(model: NNNModel, path: str) -> None:
         "format": FORMAT,
         "model_config": json.dumps(OmegaConf.to_container(model.model_cfg, resolve=True)),
         "vocab_size": str(model.vocab_size),
+        "tokenizer": json.dumps(tokenizer),
     }
     save_file(tensors, path, metadata=metadata)
 
 
-def load_packed(path: str) -> NNNModel:
-    """The model in ``path`` as a float32 NNNModel with TernaryLinear layers (inference only)."""
-    with safe_open(path, "pt") as f:
-        metadata = f.metadata() or {}
+def packed_metadata(path: str) -> dict:
+    """The metadata of an export (format, model config, vocabulary size, tokenizer), or ValueError."""
+    try:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - safetensors raises several types for a file that is not one
+        raise ValueError(f"{path}: not a safetensors file") from None
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path}: not an NNN ternary export (format {metadata.get('format')!r})")
+    return metadata
+
+
+def load_packed(path: str) -> NNNModel:
+    """The model in ``path`` as a float32 NNNModel with TernaryLinear layers (inference only)."""
+    metadata = packed_metadata(path)
     model_cfg = OmegaConf.create(json.loads(metadata["model_config"]))
     config = nnn_transformer_config(model_cfg, SimpleNamespace(tp=1, pp=1), bf16=False)
     model = NNNModel(config, model_cfg, int(metadata["vocab_size"]))
@@ -80,3 +91,44 @@ def load_packed(path: str) -> NNNModel:
             model.set_submodule(name, TernaryLinear(ternary, tensors[f"{name}.scale"], module.norm))
     model.load_state_dict(tensors, strict=True)
     return model.eval()
+
+
+def main(argv=None) -> None:
+    """python -m thann.models.nnn.pack CHECKPOINT OUT.safetensors: a trained NNN checkpoint (a run
+    or iter_* directory, zarr, any layout) -> the packed export; prints the sizes."""
+    import argparse
+    import os
+
+    from thann.data.tokenizer import padded_vocab_size
+    from thann.inference.loading import checkpoint_path, load_weights, saved_config, saved_run, saved_tokenizer
+    from thann.parallel import state
+
+    parser = argparse.ArgumentParser(prog="python -m thann.models.nnn.pack", description=main.__doc__)
+    parser.add_argument("checkpoint")
+    parser.add_argument("out")
+    args = parser.parse_args(argv)
+    try:
+        path = checkpoint_path(args.checkpoint)
+        metadata = saved_run(path)
+        tokenizer = saved_tokenizer(metadata, None, "checkpoint")
+    except ValueError as e:  # ConfigError: one line naming the problem
+        raise SystemExit(str(e)) from None
+    saved = saved_config(metadata)
+    if saved.model.get("arch") != "nnn":
+        raise SystemExit(f"{path}: holds a {saved.model.get('arch', 'thann')} model, not an NNN")
+    single = SimpleNamespace(tp=1, pp=1, ep=1, etp=1, sp=False)
+    state.initialize(OmegaConf.create(vars(single)), dp=1, seed=0)
+    model = NNNModel(nnn_transformer_config(saved.model, single, bf16=False), saved.model,
+                     padded_vocab_size(tokenizer.vocab_size, 1))
+    load_weights([model], path)
+    export_packed(model, args.out, tokenizer.identity)
+    fp32 = sum(t.numel() * 4 for t in model.state_dict().values())
+    bit = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, BitLinear))
+    size = os.path.getsize(args.out)
+    print(f"wrote {args.out}: {size / 2**20:.1f} MiB ({size / fp32:.0%} of the {fp32 / 2**20:.1f} MiB fp32 weights; "
+          f"the BitLinear weights, {bit / 2**20:.1f} MiB in fp32, take 2 bits each)")
+    state.destroy()
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,6 @@ The LM head ("classifier layer") is megatron-core's output layer, tied to the em
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
 from megatron.core.transformer.moe.moe_utils import (
@@ -19,28 +18,27 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from thann.models.common.init import init_stream
+from thann.models.common.kv_cache import GeneratesWithKVCache, KVCacheContext
 from thann.models.thann.spec import thann_block_spec
 from thann.models.thann.tokenization import LearntTokenization, TokenizationConfig
 
 
-class ThannInferenceContext(StaticInferenceContext):
+class ThannInferenceContext(KVCacheContext):
     """megatron-core's static KV cache for the decoder layers, plus the learnt tokenization's own
     state: the last embeddings its convolutions read and a KV cache of its attention, kept apart
     because that attention is built as layer 1 and would share decoder layer 1's entry."""
 
     def __init__(self, max_batch_size: int, max_sequence_length: int):
         super().__init__(max_batch_size, max_sequence_length)
-        self.tokenization = StaticInferenceContext(max_batch_size, max_sequence_length)
+        self.tokenization = KVCacheContext(max_batch_size, max_sequence_length)
         self.conv_history = None
 
     def advance(self, tokens: int) -> None:
-        """The last call's ``tokens`` positions are cached: later calls continue after them."""
-        for context in (self, self.tokenization):
-            context.increment_sequence_len_offset(tokens)
-            context.enable_decode_mode()
+        super().advance(tokens)
+        self.tokenization.advance(tokens)
 
 
-class ThannModel(GPTModel):
+class ThannModel(GeneratesWithKVCache, GPTModel):
     def __init__(self, config: TransformerConfig, model_cfg, vocab_size: int, max_sequence_length: int,
                  pre_process: bool = True, post_process: bool = True, vp_stage=None):
         super().__init__(
@@ -80,12 +78,6 @@ class ThannModel(GPTModel):
 
     def new_inference_context(self, batch_size: int, max_sequence_length: int) -> ThannInferenceContext:
         return ThannInferenceContext(batch_size, max_sequence_length)
-
-    def forward(self, *args, inference_context=None, runtime_gather_output=None, **kwargs):
-        if inference_context is not None and runtime_gather_output is None:
-            runtime_gather_output = True  # GPTModel asserts that inference gathers the tensor-parallel logits
-        return super().forward(*args, inference_context=inference_context,
-                               runtime_gather_output=runtime_gather_output, **kwargs)
 
     def _preprocess(self, input_ids, position_ids, decoder_input=None, **kwargs):
         if decoder_input is None and self.pre_process:

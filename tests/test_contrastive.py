@@ -1,0 +1,184 @@
+"""Contrastive pretraining: GradCache over data-parallel ranks and micro-batches gives the
+gradient of the whole batch in one pass; every layout computes the single rank's loss; bad input
+is one line with exit code 2."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT
+
+HARNESS = os.path.join(ROOT, "tests", "contrastive_harness.py")
+MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.moe_ffn_hidden_size=64",
+         "model.moe_aux_loss_coeff=0.0", "train.precision=fp32", "contrastive.hard_negatives=1",
+         "train.seq_length=32", "train.steps=4", "train.warmup_steps=1", "contrastive.eval_pool=10",
+         "logging.wandb.enabled=false", "logging.progress=false"]
+
+
+def _overrides(prefix, run_dir, extra=()):
+    return MODEL + [f"data.paths=[{prefix}]", f"checkpoint.dir={run_dir}", *extra]
+
+
+def _harness(init, out, overrides, nproc):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone", HARNESS,
+           str(init), str(out), *overrides]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-4000:]
+    return torch.load(out)
+
+
+def _relative(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def encoder(single_rank, pairs_with_negatives, tmp_path_factory):
+    """The task and encoder in this process, and their initial weights in a file for every layout."""
+    from hydra import compose, initialize_config_dir
+
+    from thann.checkpoint.full_state import gather_full, model_sharded_tensors
+    from thann.cli import CONFIG_DIR
+    from thann.parallel import state
+    from thann.parallel.state import Layout
+    from thann.tasks.contrastive import ContrastiveTask
+
+    base = tmp_path_factory.mktemp("contrastive")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="contrastive", overrides=_overrides(pairs_with_negatives, base / "unused") + [
+            "train.micro_batch_size=2", "train.global_batch_size=8"])
+    task = ContrastiveTask(cfg, Layout(1, 1, 1, 1, False, 2), bf16=False)
+    model = task.build_model(True, True).to(state.device())
+    tensors = model_sharded_tensors([model])
+    torch.save(gather_full(tensors), base / "init.pt")
+    return base, cfg, task, model, tensors
+
+
+def test_grad_cache_over_2_ranks_and_2_micro_batches_equals_one_pass(encoder, pairs_with_negatives):
+    from thann.checkpoint.full_state import gather_full
+    from thann.data.datasets import Batching
+    from thann.data.pairs import pair_batches
+
+    base, cfg, task, model, tensors = encoder
+    got = _harness(base / "init.pt", base / "dp2.pt", _overrides(pairs_with_negatives, base / "dp2", [
+        "train.micro_batch_size=2", "train.global_batch_size=8"]), nproc=2)  # dropout 0.1 on
+
+    model.train()
+    queries, positives, negatives = [], [], []
+    for rank in range(2):
+        batches = pair_batches(task.train_set, Batching(8, 2, 2, rank), 0, cfg.train.seed, 32, task.tokenizer.eod)
+        torch.set_rng_state(got["rng"][rank])  # the dropout stream that rank started the step with
+        for _ in range(2):
+            embedded = task.embed(next(batches), model)
+            queries.append(embedded[:2])
+            positives.append(embedded[2:4])
+            negatives.append(embedded[4:])
+    candidates = torch.cat(positives + negatives)
+    scores = torch.cat(queries) @ candidates.T / cfg.contrastive.temperature
+    assert scores.shape == (8, 16)  # every query against 8 positives and 8 hard negatives
+    loss = F.cross_entropy(scores, torch.arange(8))
+    for tensor in tensors:
+        tensor.data.grad = None
+    loss.backward()
+    expected = gather_full(tensors, value=lambda t: t.data.grad)
+
+    assert got["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    full_got = torch.cat([got["gradients"][k].flatten() for k in sorted(expected)])
+    full_expected = torch.cat([expected[k].flatten() for k in sorted(expected)])
+    assert _relative(full_got, full_expected) < 1e-5
+    assert all(expected[k].abs().sum() > 0 for k in expected if "experts" not in k), "a part got no gradient"
+
+
+@pytest.mark.parametrize("nproc, layout", [
+    (2, ["parallel.tp=2", "parallel.sp=true"]),
+    (2, ["parallel.pp=2"]),
+    (2, ["parallel.ep=2"]),
+], ids=["tp2_sp", "pp2", "ep2"])
+def test_every_layout_computes_the_single_rank_loss(encoder, pairs_with_negatives, nproc, layout):
+    base, *_ = encoder
+    no_dropout = ["model.tokenization.dropout=0.0", "train.micro_batch_size=2", "train.global_batch_size=4"]
+    name = "_".join(layout).replace("parallel.", "").replace("=", "")
+    single = base / "single.pt"
+    reference = (torch.load(single) if single.exists() else
+                 _harness(base / "init.pt", single, _overrides(pairs_with_negatives, base / "single", no_dropout), 1))
+    extra = no_dropout if layout != ["parallel.ep=2"] else no_dropout[:1] + ["train.micro_batch_size=1",
+                                                                               "train.global_batch_size=4"]
+    got = _harness(base / "init.pt", base / f"{name}.pt",
+                   _overrides(pairs_with_negatives, base / name, layout + extra), nproc)
+    assert got["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+    keys = sorted(reference["gradients"])
+    full_got = torch.cat([got["gradients"][k].flatten() for k in keys])
+    full_ref = torch.cat([reference["gradients"][k].flatten() for k in keys])
+    assert _relative(full_got, full_ref) < 1e-4
+
+
+def test_bad_pair_records_are_one_line_with_exit_2(tmp_path):
+    for record, message in (({"query": "where?"}, "no 'positive' key"), ({"query": " ", "positive": "x"},
+                                                                          "'query' is empty")):
+        (tmp_path / "pairs.jsonl").write_text(json.dumps({"query": "fine", "positive": "ok"}) + "\n"
+                                              + json.dumps(record) + "\n")
+        run = subprocess.run([sys.executable, "-m", "thann.data.preprocess", "--input", str(tmp_path / "pairs.jsonl"),
+                              "--pairs", "--output-prefix", str(tmp_path / "out"), "--workers", "1"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+        assert "pairs.jsonl:2:" in run.stderr and message in run.stderr
+        assert not list(tmp_path.glob("out*"))
+
+
+def test_init_from_a_checkpoint_of_another_tokenizer_is_refused(tiny_checkpoint, pairs_with_negatives, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_checkpoint, other)
+    metadata_path = other / "iter_0000002" / "thann.json"
+    metadata = json.loads(metadata_path.read_text())
+    metadata["tokenizer"] = {**metadata["tokenizer"], "model": "my_bpe", "fingerprint": "huggingface:0123"}
+    metadata_path.write_text(json.dumps(metadata))
+    run = subprocess.run([sys.executable, "pretrain_contrastive.py", f"init_from={other}",
+                          *_overrides(pairs_with_negatives, tmp_path / "run")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.strip().startswith(f"invalid config: init_from='{other}': was trained with tokenizer my_bpe")
+    assert run.stderr.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def contrastive_checkpoint(pairs_with_negatives, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("contrastive_run") / "run"
+    run = subprocess.run([sys.executable, "pretrain_contrastive.py", *_overrides(pairs_with_negatives, run_dir, [
+        "train.steps=2", "train.eval_interval=2", "train.micro_batch_size=2", "train.global_batch_size=4",
+        "contrastive.projection_dim=16"])], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run_dir
+
+
+def test_thann_embed_writes_the_same_embeddings_in_another_layout(contrastive_checkpoint, tmp_path):
+    import numpy as np
+
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "text": text}) + "\n" for i, text in
+                                                  enumerate(["How do I bake bread?", "The capital of France",
+                                                             "Explain quantum computing", "Hi"])))
+    outputs = {}
+    for name, nproc, layout in (("single", 1, []), ("tp2_sp", 2, ["parallel.tp=2", "parallel.sp=true"]),
+                                ("dp2", 2, [])):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
+                              "-m", "thann.inference.embed", f"load={contrastive_checkpoint}",
+                              f"input={tmp_path / 'texts.jsonl'}", f"output={tmp_path / name}", "batch_size=3", *layout],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert run.returncode == 0, run.stderr[-3000:]
+        outputs[name] = np.load(tmp_path / f"{name}.npy")
+        assert json.loads((tmp_path / f"{name}.ids.json").read_text()) == ["t0", "t1", "t2", "t3"]
+    assert outputs["single"].shape == (4, 16)
+    np.testing.assert_allclose(np.linalg.norm(outputs["single"], axis=1), 1.0, rtol=1e-5)
+    for name in ("tp2_sp", "dp2"):
+        np.testing.assert_allclose(outputs[name], outputs["single"], rtol=1e-5, atol=1e-6)
+    missing = subprocess.run([sys.executable, "-m", "thann.inference.embed", f"load={contrastive_checkpoint}",
+                              f"input={tmp_path / 'none.txt'}", f"output={tmp_path / 'x'}"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.strip().startswith("invalid config: input=")

@@ -1,0 +1,114 @@
+"""Retrieval pairs for contrastive training, from indexed datasets.
+
+Two sources (``data.kind``):
+
+- ``pairs``: a dataset made by ``preprocess --pairs`` (or ``--corpus sharegpt_pairs``); each of
+  its documents is the sequences query, positive, negatives..., each ending in the
+  end-of-document token.
+- ``spans``: any plain indexed dataset; a pair is two independent random spans of one document
+  (the unsupervised form), drawn from a stream of the sample's index, so the same sample is the
+  same pair in every layout and after a resume.
+
+A sample is a dict of token lists (query, positive, negatives); a micro-batch stacks M samples
+as one [M·(2+K), S] batch of texts (queries, then positives, then K hard negatives per query),
+right-padded with the end-of-document token, with their lengths. Samples reach data-parallel
+ranks in Megatron-LM's order, as thann.data.datasets does: the position is consumed samples.
+"""
+
+import numpy as np
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from thann.data.datasets import Batching
+
+KINDS = ("pairs", "spans")
+
+
+def split_documents(num_documents: int, split: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation document indices: a seeded permutation cut by the split weights."""
+    weights = np.array([float(w) for w in str(split).split(",")])
+    order = np.random.default_rng(seed).permutation(num_documents)
+    train_end = int(round(num_documents * weights[0] / weights.sum()))
+    valid_end = train_end + max(1, int(round(num_documents * weights[1] / weights.sum())))
+    return np.sort(order[:train_end]), np.sort(order[train_end:valid_end])
+
+
+def _fit(ids: np.ndarray, seq_length: int, eod: int) -> list[int]:
+    """A text as at most seq_length tokens, always ending in the end-of-document token (the
+    position last-token pooling reads)."""
+    ids = [int(t) for t in ids]
+    if ids and ids[-1] == eod:
+        ids = ids[:-1]
+    return ids[: seq_length - 1] + [eod]
+
+
+class PairDataset:
+    def __init__(self, prefix: str, documents: np.ndarray, seq_length: int, hard_negatives: int, eod: int):
+        self.data = IndexedDataset(prefix)
+        self.documents, self.seq_length, self.hard_negatives, self.eod = documents, seq_length, hard_negatives, eod
+        bounds = self.data.document_indices
+        self.sizes = bounds[documents + 1] - bounds[documents]  # sequences per pair: 2 + negatives
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    def __getitem__(self, index: int) -> dict:
+        first = int(self.data.document_indices[self.documents[index]])
+        texts = [_fit(self.data[first + i], self.seq_length, self.eod) for i in range(2 + self.hard_negatives)]
+        return {"query": texts[0], "positive": texts[1], "negatives": texts[2:]}
+
+
+class SpanPairDataset:
+    def __init__(self, prefix: str, documents: np.ndarray, seq_length: int, seed: int, eod: int):
+        self.data = IndexedDataset(prefix)
+        self.documents, self.seq_length, self.seed, self.eod = documents, seq_length, seed, eod
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    def __getitem__(self, index: int) -> dict:
+        tokens = self.data[int(self.documents[index])]
+        tokens = tokens[:-1] if len(tokens) and tokens[-1] == self.eod else tokens
+        rng = np.random.default_rng([self.seed, index])
+        longest = max(1, min(self.seq_length - 1, len(tokens) // 2))
+        spans = []
+        for _ in range(2):
+            length = int(rng.integers(max(1, longest // 2), longest + 1))
+            start = int(rng.integers(0, len(tokens) - length + 1))
+            spans.append(_fit(tokens[start:start + length], self.seq_length, self.eod))
+        return {"query": spans[0], "positive": spans[1], "negatives": []}
+
+
+class Sampler:
+    """Sample ``i`` of the run -> an item of the dataset, reshuffled every epoch."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed = size, seed
+        self._epoch, self._order = None, None
+
+    def __call__(self, i: int) -> int:
+        epoch, position = divmod(i, self.size)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        return int(self._order[position])
+
+
+def collate(samples: list[dict], seq_length: int, eod: int) -> dict:
+    texts = ([s["query"] for s in samples] + [s["positive"] for s in samples]
+             + [n for s in samples for n in s["negatives"]])
+    tokens = torch.full((len(texts), seq_length), eod, dtype=torch.long)
+    for row, ids in enumerate(texts):
+        tokens[row, : len(ids)] = torch.tensor(ids)
+    return {"tokens": tokens, "lengths": torch.tensor([len(t) for t in texts])}
+
+
+def pair_batches(dataset, batching: Batching, consumed_samples: int, seed: int, seq_length: int, eod: int):
+    """Endless micro-batches of pairs for this data-parallel rank, after ``consumed_samples``."""
+    sample = Sampler(len(dataset), seed)
+    M, D, r = batching.micro_batch_size, batching.dp_size, batching.dp_rank
+    step_start = consumed_samples
+    while True:
+        for m in range(batching.num_microbatches):
+            first = step_start + (m * D + r) * M
+            yield collate([dataset[sample(first + i)] for i in range(M)], seq_length, eod)
+        step_start += batching.global_batch_size

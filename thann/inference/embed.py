@@ -1,0 +1,119 @@
+"""``thann-embed``: embeddings of a text file with a contrastively trained checkpoint, in any
+layout (configs/embed.yaml). Input: a text file (one text per line) or JSON lines
+(``{"id": ..., "text": ...}``); output: ``OUTPUT.npy`` (float32 [N, P], L2-normalised rows, in
+input order) and ``OUTPUT.ids.json``. Input problems are one line with exit code 2, before the
+model is built; nothing is written then."""
+
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from thann.cli import exit_on_bad_input, load_config
+from thann.config import ConfigError, check_parallel, require
+from thann.data.tokenizer import padded_vocab_size
+from thann.inference.embedding import embed_texts
+from thann.inference.loading import checkpoint_path, load_weights, saved_config, saved_run, saved_tokenizer
+
+
+def _inputs(path: str) -> tuple[list[str], list[str]]:
+    require(path is not None and os.path.isfile(path), "input", path, "no such file")
+    ids, texts = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.endswith((".jsonl", ".json")):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    raise ConfigError("input", f"{path}:{number}", "not a JSON object") from None
+                require(isinstance(record, dict) and isinstance(record.get("text"), str) and record["text"].strip(),
+                        "input", f"{path}:{number}", 'expected {"id": ..., "text": "..."} with a non-empty text')
+                ids.append(str(record.get("id", number)))
+                texts.append(record["text"])
+            else:
+                ids.append(str(number))
+                texts.append(line.rstrip("\n"))
+    require(bool(texts), "input", path, "holds no text")
+    return ids, texts
+
+
+def _build(cfg: DictConfig, saved: DictConfig, tokenizer, path: str, dp: int):
+    from megatron.core import parallel_state
+
+    from thann.models.thann.checks import check_layout
+    from thann.models.thann.encoder import ThannEncoder
+    from thann.models.thann.model import transformer_config
+    from thann.parallel import state
+
+    require("contrastive" in saved, "load", cfg.load, "is not a contrastive (embedding) checkpoint")
+    check_layout(saved.model, cfg.parallel)
+    layout = state.initialize(cfg.parallel, dp, 0)
+    bf16 = torch.cuda.is_available() if cfg.precision == "auto" else cfg.precision == "bf16"
+    c = saved.contrastive
+    model = ThannEncoder(transformer_config(saved.model, cfg.parallel, bf16=bf16), saved.model,
+                         padded_vocab_size(tokenizer.vocab_size, layout.tp), saved.train.seq_length, c.pooling,
+                         c.projection_dim, c.temperature if c.learnable_temperature else None,
+                         pre_process=parallel_state.is_pipeline_first_stage(),
+                         post_process=parallel_state.is_pipeline_last_stage()).to(state.device())
+    if bf16:
+        model = model.to(torch.bfloat16)
+    load_weights([model], path)
+    return [model.eval()], layout
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    rank0 = os.environ.get("RANK", "0") == "0"
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    def prepare():
+        cfg = load_config("embed", argv)
+        dp = check_parallel(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")))
+        path = checkpoint_path(str(cfg.load), "load")
+        metadata = saved_run(path, "load")
+        saved = saved_config(metadata)
+        tokenizer = saved_tokenizer(metadata, None, "load")
+        ids, texts = _inputs(cfg.input)
+        require(isinstance(cfg.batch_size, int) and cfg.batch_size > 0, "batch_size", cfg.batch_size,
+                "must be a positive integer")
+        return cfg, dp, saved, tokenizer, ids, texts, *_build(cfg, saved, tokenizer, path, dp)
+
+    cfg, dp, saved, tokenizer, ids, texts, chunks, layout = exit_on_bad_input(prepare)
+    from megatron.core import parallel_state
+
+    from thann.parallel import state
+
+    seq = saved.train.seq_length
+    tokens = [tokenizer.encode(text)[: seq - 1] + [tokenizer.eod] for text in texts]
+    dim = saved.contrastive.projection_dim or saved.model.hidden_size
+    # Data-parallel ranks share out the texts, except under expert parallelism (its groups span
+    # data-parallel ranks, whose steps must match one for one).
+    shares = dp if layout.ep == 1 else 1
+    share = parallel_state.get_data_parallel_rank() if shares > 1 else 0
+    bounds = np.linspace(0, len(tokens), shares + 1).astype(int)
+    mine = embed_texts(chunks, tokens[bounds[share]:bounds[share + 1]] or tokens[:1], cfg.batch_size, seq,
+                       tokenizer.eod, dim)[: bounds[share + 1] - bounds[share]]
+    parts = [None] * shares
+    if shares > 1:
+        dist.all_gather_object(parts, mine.cpu(), group=parallel_state.get_data_parallel_group())
+    else:
+        parts = [mine.cpu()]
+    if rank0:
+        matrix = torch.cat(parts).numpy().astype(np.float32)
+        np.save(cfg.output + ".npy.tmp.npy", matrix, allow_pickle=False)
+        os.replace(cfg.output + ".npy.tmp.npy", cfg.output + ".npy")
+        with open(cfg.output + ".ids.json", "w") as f:
+            json.dump(ids, f)
+        print(f"wrote {cfg.output}.npy ({matrix.shape[0]} x {matrix.shape[1]}) and {cfg.output}.ids.json "
+              f"(layout {layout.describe()})")
+    state.destroy()
+
+
+if __name__ == "__main__":
+    main()

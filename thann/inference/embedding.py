@@ -1,0 +1,42 @@
+"""Embeddings of texts with an encoder (thann.models.thann.encoder), in any parallel layout."""
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from thann.data.pairs import collate
+from thann.parallel import state
+
+
+def encode(batch: dict, model, project: bool = True) -> torch.Tensor:
+    """One micro-batch of texts (``tokens`` [B, S], ``lengths`` [B]) through one pipeline stage."""
+    tokens = batch["tokens"].to(state.device())
+    positions = torch.arange(tokens.size(1), device=tokens.device).expand_as(tokens)
+    return model(tokens, positions, batch["lengths"].to(state.device()), project=project)
+
+
+@torch.no_grad()
+def embed_texts(model_chunks: list, texts: list[list[int]], micro_batch_size: int, seq_length: int, eod: int,
+                dim: int, project: bool = True) -> torch.Tensor:
+    """Embeddings [N, dim] of token lists (each ending in ``eod``), on every rank. Every
+    data-parallel replica that calls this embeds all of ``texts``; the pipeline passes fixed
+    shapes, so the last micro-batch is padded with copies of its last text."""
+    outputs = []
+    for start in range(0, len(texts), micro_batch_size):
+        chunk = texts[start:start + micro_batch_size]
+        padded = chunk + chunk[-1:] * (micro_batch_size - len(chunk))
+        batch = collate([{"query": t, "positive": [], "negatives": []} for t in padded], seq_length, eod)
+
+        def step(data_iterator, model):
+            return encode(next(data_iterator), model, project), lambda out, non_loss_data=False: out
+
+        collected = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter([batch]), model=model_chunks, num_microbatches=1,
+            seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=True, collect_non_loss_data=True)
+        last = parallel_state.is_pipeline_last_stage()
+        result = collected[0].float() if last else torch.zeros(micro_batch_size, dim, device=state.device())
+        dist.broadcast(result, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+        outputs.append(result[: len(chunk)])
+    return torch.cat(outputs)

@@ -1,0 +1,41 @@
+"""Heads on a decoder's final hidden states that are not a language-model head.
+
+``PooledEmbedding``: one vector per sequence, for retrieval: the hidden state of the last real
+token (sequences end with the end-of-document token) or the mean over real tokens, optionally
+projected, L2-normalised. Shapes: S sequence, B batch, H hidden, P projection.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+POOLINGS = ("last", "mean")
+
+
+class PooledEmbedding(torch.nn.Module):
+    def __init__(self, hidden_size: int, pooling: str, projection_dim: int | None, init_method, dtype,
+                 learnt_temperature: float | None = None):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.pooling = pooling
+        if learnt_temperature is not None:
+            # log(1/temperature), the scale of similarity scores, learnt with the model (as CLIP)
+            self.log_scale = torch.nn.Parameter(torch.tensor(-math.log(learnt_temperature), dtype=torch.float32))
+        self.projection = None
+        if projection_dim:
+            self.projection = torch.nn.Linear(hidden_size, projection_dim, bias=False, dtype=dtype)
+            init_method(self.projection.weight)
+
+    def forward(self, hidden_SBH: torch.Tensor, lengths_B: torch.Tensor, project: bool = True) -> torch.Tensor:
+        """``project=False``: the pooled hidden states alone (what the decoder itself gives)."""
+        B = hidden_SBH.size(1)
+        if self.pooling == "last":
+            pooled_BH = hidden_SBH[lengths_B - 1, torch.arange(B, device=hidden_SBH.device)]
+        else:
+            real_SB = (torch.arange(hidden_SBH.size(0), device=hidden_SBH.device)[:, None] < lengths_B[None, :])
+            pooled_BH = (hidden_SBH * real_SB[..., None]).sum(0) / lengths_B[:, None]
+        if project and self.projection is not None:
+            pooled_BH = self.projection(pooled_BH)
+        return F.normalize(pooled_BH.float(), dim=-1)

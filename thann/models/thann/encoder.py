@@ -1,0 +1,38 @@
+"""THANN's decoder as an encoder (contrastive pretraining, embeddings): the same embedding,
+learnt tokenization and decoder layers, with the final norm, and a pooled-embedding head in
+place of the LM head. Its weights carry the same names as the language model's, so a
+pretraining checkpoint of any layout initialises it; the head's are new."""
+
+from megatron.core import tensor_parallel
+
+from thann.models.common.heads import PooledEmbedding
+from thann.models.common.init import init_stream
+from thann.models.thann.model import ThannModel
+
+
+class ThannEncoder(ThannModel):
+    def __init__(self, config, model_cfg, vocab_size: int, max_sequence_length: int, pooling: str,
+                 projection_dim: int | None, learnt_temperature: float | None = None, pre_process: bool = True,
+                 post_process: bool = True):
+        super().__init__(config, model_cfg, vocab_size, max_sequence_length, pre_process=pre_process,
+                         post_process=post_process)
+        if post_process:
+            with init_stream("pooled_embedding"):
+                self.pooled_embedding = PooledEmbedding(config.hidden_size, pooling, projection_dim,
+                                                        config.init_method, config.params_dtype, learnt_temperature)
+
+    def forward(self, input_ids, position_ids, lengths, project: bool = True):
+        """Last stage: L2-normalised embeddings [B, P]; other stages: hidden states for the next."""
+        hidden = super().forward(input_ids, position_ids, None)
+        if not self.post_process:
+            return hidden
+        return self.pooled_embedding(hidden, lengths, project)
+
+    def _postprocess(self, hidden_states, *args, **kwargs):
+        """The final-norm hidden states [S, B, H] instead of logits: whole sequences on every
+        tensor-parallel rank (their pooled vectors are replicated, so the gradient is split back,
+        not summed)."""
+        if self.post_process and self.config.sequence_parallel:
+            return tensor_parallel.gather_from_sequence_parallel_region(hidden_states,
+                                                                         tensor_parallel_output_grad=False)
+        return hidden_states
