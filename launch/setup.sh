@@ -17,3 +17,6 @@ fi
 if [ ! -f data/sharegpt_pairs.idx ]; then  # retrieval pairs for pretrain_contrastive.py (~5 s)
     .venv/bin/python -m thann.data.preprocess --corpus sharegpt_pairs --output-prefix data/sharegpt_pairs --workers 2
 fi
+if [ ! -d data/classification/newsgroups20 ]; then  # MNIST, Fashion-MNIST, 20 Newsgroups for train_classifier.py (~10 s)
+    .venv/bin/python -m thann.data.classification
+fi

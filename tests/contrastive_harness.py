@@ -8,14 +8,13 @@ first step's loss, its full gradient gathered into the single-rank layout, and e
 RNG state when the step started (the stream its dropout masks come from).
 """
 
-import os
 import sys
 
 import torch
 import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 
-from thann.checkpoint.full_state import gather_full, load_full, model_sharded_tensors
+from thann.checkpoint.full_state import gather_full, start_from_shared_weights
 from thann.cli import CONFIG_DIR
 from thann.tasks.contrastive import ContrastiveTask
 from thann.training.trainer import Trainer
@@ -25,13 +24,7 @@ def main(init_path: str, out_path: str, overrides: list[str]) -> None:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="contrastive", overrides=overrides)
     trainer = Trainer(cfg, ContrastiveTask)
-    tensors = model_sharded_tensors(trainer.model)
-    if not os.path.exists(init_path):
-        if dist.get_world_size() != 1:
-            raise SystemExit("the initial weights must come from a single-rank run")
-        torch.save(gather_full(tensors), init_path)
-    load_full(tensors, torch.load(init_path))
-    trainer.optimizer.reload_model_params()
+    tensors = start_from_shared_weights(trainer.model, trainer.optimizer, init_path)
     rng = [None] * dist.get_world_size()
     dist.all_gather_object(rng, torch.get_rng_state())
     reports = trainer.forward_backward_step(trainer.task.train_batches(0))

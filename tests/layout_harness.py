@@ -10,14 +10,13 @@ full gradient gathered into the single-rank layout, the grad norm, the training 
 and, when seeded, the initial weights.
 """
 
-import os
 import sys
 
 import torch
 import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 
-from thann.checkpoint.full_state import gather_full, load_full, model_sharded_tensors
+from thann.checkpoint.full_state import gather_full, model_sharded_tensors, start_from_shared_weights
 from thann.cli import CONFIG_DIR
 from thann.tasks.lm_pretrain import PretrainTask
 from thann.training.trainer import Trainer
@@ -27,17 +26,12 @@ def main(init_path: str, out_path: str, overrides: list[str]) -> None:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     trainer = Trainer(cfg, PretrainTask)
-    tensors = model_sharded_tensors(trainer.model)
     initial = None
     if init_path == "seeded":
+        tensors = model_sharded_tensors(trainer.model)
         initial = gather_full(tensors)
     else:
-        if not os.path.exists(init_path):
-            if dist.get_world_size() != 1:
-                raise SystemExit("the initial weights must come from a single-rank run")
-            torch.save(gather_full(tensors), init_path)
-        load_full(tensors, torch.load(init_path))
-        trainer.optimizer.reload_model_params()
+        tensors = start_from_shared_weights(trainer.model, trainer.optimizer, init_path)
 
     batches = trainer.task.train_batches(0)
     reports = trainer.forward_backward_step(batches)

@@ -173,3 +173,20 @@ def test_rank_killed_while_writing_leaves_the_previous_checkpoint(tiny_corpus, t
     assert not (run_dir / "iter_0000004.tmp").exists()
     steps = [r["step"] for r in read_metrics(run_dir) if r["split"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]  # each step once: those logged after iter_0000002 were logged again
+
+
+def test_an_all_zero_tensor_is_written_verified_and_read_back(single_rank, tmp_path):
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from thann.checkpoint import zarr_store
+
+    def state(a, b):
+        return {"zeros": ShardedTensor.from_rank_offsets("zeros", a, replica_id=0),
+                "ones": ShardedTensor.from_rank_offsets("ones", b, replica_id=0)}
+
+    root = str(tmp_path / "checkpoint")
+    zarr_store.save(state(torch.zeros(4, 8), torch.ones(4, 8)), root, {"step": 0})
+    zarr_store.verify(root)  # every chunk the manifest lists exists, the all-zero one included
+    assert "zeros/c/0/0" in zarr_store.read_manifest(root)
+    loaded = zarr_store.load(state(torch.full((4, 8), 7.0), torch.full((4, 8), 7.0)), root)
+    assert torch.equal(loaded["zeros"], torch.zeros(4, 8)) and torch.equal(loaded["ones"], torch.ones(4, 8))

@@ -91,7 +91,7 @@ def test_the_packed_export_generates_what_the_checkpoint_generates(tiny_corpus, 
     run = run_pretrain(tiny_run_overrides(tiny_corpus, tmp_path / "run", steps=2) + [*NNN])
     assert run.returncode == 0, run.stderr[-3000:]
     packed = tmp_path / "nnn.safetensors"
-    export = subprocess.run([sys.executable, "-m", "thann.models.nnn.pack", str(tmp_path / "run"), str(packed)],
+    export = subprocess.run([sys.executable, "-m", "thann.inference.nnn_pack", str(tmp_path / "run"), str(packed)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert export.returncode == 0, export.stderr[-3000:]
     assert "take 2 bits each" in export.stdout

@@ -8,6 +8,7 @@ way forward, printed once.
 """
 
 import difflib
+import importlib
 import logging
 import os
 import sys
@@ -91,10 +92,11 @@ def exit_on_bad_input(prepare):
     sys.exit(code)
 
 
-def run_task(task_class, config_name: str, argv: list[str] | None = None) -> None:
-    """Runs ``task_class`` on the training loop with ``configs/<config_name>.yaml``; exits with
-    the codes above."""
-    # Installed first, so that a signal during start-up is a clean stop (exit 75), not a traceback.
+def run_task(task: str, config_name: str, argv: list[str] | None = None) -> None:
+    """Runs the task class named ``task`` ("module:Class") on the training loop with
+    ``configs/<config_name>.yaml``; exits with the codes above."""
+    # Installed before anything heavy is imported, so that a signal during start-up is a clean
+    # stop (exit 75), not a traceback.
     from thann.training.signals import StopRequest
 
     stop_request = StopRequest()
@@ -110,7 +112,8 @@ def run_task(task_class, config_name: str, argv: list[str] | None = None) -> Non
         sys.exit(EXIT_CONFIG)
     # megatron-core logs every parameter name and config field at INFO.
     logging.getLogger("megatron").setLevel(logging.WARNING)
-    sys.exit(_train(task_class, cfg, stop_request))
+    module, _, name = task.partition(":")
+    sys.exit(_train(getattr(importlib.import_module(module), name), cfg, stop_request))
 
 
 def _train(task_class, cfg: DictConfig, stop_request) -> int:
@@ -153,18 +156,12 @@ def _train(task_class, cfg: DictConfig, stop_request) -> int:
 
 
 def pretrain() -> None:
-    from thann.tasks.lm_pretrain import PretrainTask
-
-    run_task(PretrainTask, "config")
+    run_task("thann.tasks.lm_pretrain:PretrainTask", "config")
 
 
 def contrastive() -> None:
-    from thann.tasks.contrastive import ContrastiveTask
-
-    run_task(ContrastiveTask, "contrastive")
+    run_task("thann.tasks.contrastive:ContrastiveTask", "contrastive")
 
 
 def classify() -> None:
-    from thann.tasks.classify import ClassifyTask
-
-    run_task(ClassifyTask, "classify")
+    run_task("thann.tasks.classify:ClassifyTask", "classify")

@@ -11,6 +11,9 @@ import os
 from omegaconf import DictConfig
 
 
+CHECKPOINT_FORMATS = ("zarr", "torch_dist")  # THANN's (thann.checkpoint.zarr_store) and megatron-core's
+
+
 class ConfigError(ValueError):
     def __init__(self, field: str, value, reason: str):
         super().__init__(f"invalid config: {field}={value!r}: {reason}")
@@ -67,9 +70,8 @@ def _nearest_existing(path: str) -> str:
 
 
 def check_checkpoint(checkpoint: DictConfig) -> None:
-    from thann.checkpoint.checkpointer import FORMATS
-
-    require(checkpoint.format in FORMATS, "checkpoint.format", checkpoint.format, f"must be one of {list(FORMATS)}")
+    require(checkpoint.format in CHECKPOINT_FORMATS, "checkpoint.format", checkpoint.format,
+            f"must be one of {list(CHECKPOINT_FORMATS)}")
     for field in ("interval", "keep"):
         require(isinstance(checkpoint[field], int) and checkpoint[field] >= 0, f"checkpoint.{field}",
                 checkpoint[field], "must be an integer >= 0")
@@ -87,9 +89,18 @@ def check_checkpoint(checkpoint: DictConfig) -> None:
             raise ConfigError("checkpoint.dir", path, f"cannot be created ({e.strerror})") from None
 
 
+def check_logging(logging: DictConfig) -> None:
+    require(isinstance(logging.log_interval, int) and logging.log_interval > 0, "logging.log_interval",
+            logging.log_interval, "must be a positive integer")
+    require(isinstance(logging.metrics_file, str) and logging.metrics_file and "/" not in logging.metrics_file,
+            "logging.metrics_file", logging.metrics_file, "must be a file name (it is written in checkpoint.dir)")
+    require(logging.peak_tflops > 0, "logging.peak_tflops", logging.peak_tflops, "must be positive")
+
+
 def check(cfg: DictConfig, world_size: int) -> int:
     """The shared checks, cheapest first; returns the data-parallel size."""
     dp = check_parallel(cfg.parallel, world_size)
     check_train(cfg.train, dp)
+    check_logging(cfg.logging)
     check_checkpoint(cfg.checkpoint)
     return dp

@@ -35,7 +35,6 @@ from thann.checkpoint.lock import DirectoryInUse, DirectoryLock
 from thann.checkpoint.parts import Part
 from thann.config import ConfigError
 
-FORMATS = ("zarr", "torch_dist")
 LATEST = "latest"
 METADATA = "thann.json"
 # Room kept free beyond a checkpoint's own size when checking the disk before a save.

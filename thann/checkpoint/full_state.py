@@ -51,3 +51,19 @@ def load_full(tensors: list[ShardedTensor], full: dict[str, torch.Tensor]) -> No
             raise ValueError(f"{t.key}: full state has shape {tuple(full[t.key].shape)}, "
                              f"this layout expects {tuple(t.global_shape)}")
         t.data.copy_(full[t.key][t.global_slice()])
+
+
+def start_from_shared_weights(model_chunks, optimizer, path: str) -> list[ShardedTensor]:
+    """Every layout of a comparison starts from the same weights: the full weights in ``path``,
+    written there first by a world of one when the file is missing. Returns the model's sharded
+    tensors."""
+    import os
+
+    tensors = model_sharded_tensors(model_chunks)
+    if not os.path.exists(path):
+        if dist.get_world_size() != 1:
+            raise SystemExit("the initial weights must come from a single-rank run")
+        torch.save(gather_full(tensors), path)
+    load_full(tensors, torch.load(path))
+    optimizer.reload_model_params()  # the optimizer's fp32 main copies follow
+    return tensors

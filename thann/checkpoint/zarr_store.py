@@ -106,7 +106,11 @@ def _chunk_shape(t: ShardedTensor) -> list[int]:
 
 
 def _array_spec(root: str, key: str) -> dict:
-    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(root, key)}}
+    # Chunks equal to the fill value (all zeros: e.g. the Adam moments of a parameter that has had
+    # no gradient yet) are written too: tensorstore skips them by default, and the manifest lists
+    # every chunk of every shard.
+    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(root, key)},
+            "store_data_equal_to_fill_value": True}
 
 
 def _chunk_files(root: str, t: ShardedTensor, chunk: list[int]) -> list[str]:

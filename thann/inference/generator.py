@@ -29,7 +29,7 @@ from megatron.core.utils import unwrap_model
 
 from thann.data.tokenizer import Tokenizer
 from thann.inference.sampling import SamplingParams, choose, row_generator
-from thann.parallel import state
+from thann.parallel import cpu_accommodations, state
 
 
 @dataclass
@@ -55,6 +55,7 @@ class Generator:
         self.stop_ids = {tokenizer.eod} | {tokenizer.special_ids[t] for t in ("<|im_end|>",)
                                            if t in tokenizer.special_ids}
         self.schedule = get_forward_backward_func()
+        self.pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
 
     def check_prompts(self, prompts: list[list[int]]) -> None:
         """Raises ValueError naming the first prompt that cannot be generated from."""
@@ -76,9 +77,12 @@ class Generator:
             output = model(tokens_BQ, positions_BQ, None, inference_context=contexts[id(model)])
             return output, lambda output, non_loss_data=False: output
 
-        outputs = self.schedule(forward_step_func=forward_step, data_iterator=None, model=self.chunks,
-                                num_microbatches=1, seq_length=Q, micro_batch_size=B, forward_only=True,
-                                collect_non_loss_data=True)
+        if self.pipelined:
+            outputs = self.schedule(forward_step_func=forward_step, data_iterator=None, model=self.chunks,
+                                    num_microbatches=1, seq_length=Q, micro_batch_size=B, forward_only=True,
+                                    collect_non_loss_data=True)
+        else:  # one stage: the schedule would only add its bookkeeping to every token
+            outputs = [forward_step(None, self.chunks[0])[0]]
         for context in contexts.values():
             context.advance(Q)
         if not parallel_state.is_pipeline_last_stage():
@@ -87,8 +91,9 @@ class Generator:
 
     def _share(self, values: torch.Tensor) -> torch.Tensor:
         """The last stage's values, on every stage."""
-        dist.broadcast(values, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                       group=parallel_state.get_pipeline_model_parallel_group())
+        if self.pipelined:
+            dist.broadcast(values, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                           group=parallel_state.get_pipeline_model_parallel_group())
         return values
 
     # -- the loop --------------------------------------------------------------------------------
@@ -105,7 +110,7 @@ class Generator:
         results = [Generation(list(p), logits=[] if keep_logits else None) for p in prompts]
         streams = [row_generator(params.seed, first_index + i) for i in range(len(prompts))]
         lengths = [len(p) for p in prompts]
-        B, device = len(prompts), state.device()
+        B = len(prompts)
         end = min(self.max_sequence_length, max(lengths) + params.max_new_tokens)
         modules = [unwrap_model(chunk) for chunk in self.chunks]
         contexts = {id(chunk): module.new_inference_context(B, end) for chunk, module in zip(self.chunks, modules)}
@@ -117,46 +122,52 @@ class Generator:
             for module in modules:
                 set_model_to_sequence_parallel(module, False)
         try:
-            start = min(lengths)
-            fed = torch.tensor([p[:start] for p in prompts], device=device)
-            offset, finished = 0, [False] * B
-            while True:
-                logits_BV = self._forward(contexts, fed, offset)
-                offset += fed.size(1)
-                chosen = torch.zeros(B, dtype=torch.long, device=device)
-                logprobs = torch.zeros(B, dtype=torch.float32, device=device)
-                if logits_BV is not None:
-                    logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
-                    for i in range(B):
-                        if offset < lengths[i] or finished[i]:
-                            continue
-                        chosen[i] = choose(logits_BV[i], params, streams[i])
-                        logprobs[i] = logprobs_BV[i, chosen[i]]
-                        if keep_logits:
-                            results[i].logits.append(logits_BV[i].cpu())
-                self._share(chosen)
-                self._share(logprobs)
-                next_tokens = []
-                for i, result in enumerate(results):
-                    if offset < lengths[i]:
-                        next_tokens.append(prompts[i][offset])  # still reading its prompt
-                    elif finished[i]:
-                        next_tokens.append(self.tokenizer.eod)
-                    else:
-                        self._append(result, int(chosen[i]), float(logprobs[i]), params, offset + 1 >= end)
-                        finished[i] = bool(result.finish_reason)
-                        next_tokens.append(int(chosen[i]))
-                        if on_token is not None:
-                            on_token(i, result)
-                if all(finished) or offset >= end:
-                    break
-                fed = torch.tensor(next_tokens, device=device).unsqueeze(1)
+            with cpu_accommodations.function_mode_suspended():
+                return self._loop(prompts, params, results, streams, lengths, contexts, end, keep_logits, on_token)
         finally:
             if sequence_parallel:
                 for module in modules:
                     set_model_to_sequence_parallel(module, True)
             for chunk, training in zip(self.chunks, was_training):
                 chunk.train(training)
+
+    def _loop(self, prompts, params, results, streams, lengths, contexts, end, keep_logits, on_token):
+        """Prefill to the shortest prompt, then one position per step until every row is done."""
+        B, device = len(prompts), state.device()
+        start = min(lengths)
+        fed = torch.tensor([p[:start] for p in prompts], device=device)
+        offset, finished = 0, [False] * B
+        while True:
+            logits_BV = self._forward(contexts, fed, offset)
+            offset += fed.size(1)
+            chosen = torch.zeros(B, dtype=torch.long, device=device)
+            logprobs = torch.zeros(B, dtype=torch.float32, device=device)
+            if logits_BV is not None:
+                logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
+                for i in range(B):
+                    if offset < lengths[i] or finished[i]:
+                        continue
+                    chosen[i] = choose(logits_BV[i], params, streams[i])
+                    logprobs[i] = logprobs_BV[i, chosen[i]]
+                    if keep_logits:
+                        results[i].logits.append(logits_BV[i].cpu())
+            self._share(chosen)
+            self._share(logprobs)
+            next_tokens = []
+            for i, result in enumerate(results):
+                if offset < lengths[i]:
+                    next_tokens.append(prompts[i][offset])  # still reading its prompt
+                elif finished[i]:
+                    next_tokens.append(self.tokenizer.eod)
+                else:
+                    self._append(result, int(chosen[i]), float(logprobs[i]), params, offset + 1 >= end)
+                    finished[i] = bool(result.finish_reason)
+                    next_tokens.append(int(chosen[i]))
+                    if on_token is not None:
+                        on_token(i, result)
+            if all(finished) or offset >= end:
+                break
+            fed = torch.tensor(next_tokens, device=device).unsqueeze(1)
         return results
 
     def _append(self, result: Generation, token: int, logprob: float, params: SamplingParams, full: bool) -> None:

@@ -10,11 +10,14 @@ against a pool of their positives, for the model, for the starting model's poole
 (kept in the checkpoint, so a resumed run still reports them) and for BM25 on the same texts.
 """
 
+import os
+
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.utils import unwrap_model
 from omegaconf import DictConfig
 
@@ -23,8 +26,8 @@ from thann.config import require
 from thann.data.checks import check_tokenizer
 from thann.data.datasets import Batching, dataset_tokenizer
 from thann.data.pairs import KINDS, PairDataset, SpanPairDataset, pair_batches, split_documents
-from thann.inference.embedding import embed_texts, encode
 from thann.data.tokenizer import padded_vocab_size
+from thann.inference.embedding import embed_texts, encode
 from thann.models.common.heads import POOLINGS
 from thann.models.thann.checks import check_layout, check_model, check_recompute
 from thann.models.thann.encoder import ThannEncoder
@@ -37,10 +40,6 @@ from thann.training.task import Task
 
 
 def _check_data(cfg: DictConfig):
-    import os
-
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     data, contrastive = cfg.data, cfg.contrastive
     require(data.kind in KINDS, "data.kind", data.kind, f"must be one of {list(KINDS)}")
     require(len(data.paths) == 1, "data.paths", list(data.paths), "contrastive training reads one dataset")
@@ -124,8 +123,6 @@ class ContrastiveTask(Task):
             cfg.model, self.vocab_size, train.seq_length)
         self.batching = Batching(train.global_batch_size, train.micro_batch_size, layout.dp,
                                  parallel_state.get_data_parallel_rank())
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
         prefix = data.paths[0]
         indexed = IndexedDataset(prefix)
         documents = indexed.document_indices.size - 1 if data.kind == "pairs" else len(indexed)
@@ -259,4 +256,3 @@ class ContrastiveTask(Task):
                 [decode(q[:-1]) for q in self.pool_queries], [decode(c[:-1]) for c in self.pool_candidates]))
         return {**metrics, **{f"start_{k}": v for k, v in self.start_metrics.items()},
                 **{f"bm25_{k}": v for k, v in self.bm25_metrics.items()}}
-

@@ -1,0 +1,221 @@
+"""ChaosNet classifier: a front-end per modality, one shared neuron core, and a linear head per task.
+
+    text   token ids [B, L] -> mean of their embeddings (padding excluded) -> x [B, I]
+    image  uint8 pixels [B, K, H, W] -> (3x3 conv, ReLU, 2x2 max-pool) per entry
+           of image.conv_channels -> flatten -> linear -> x [B, I]
+    core   x -> firing rates [B, N] over T ticks (neurons.py)
+    head   rates -> logits [B, C], one head per task
+
+Tasks trained in sequence (20 Newsgroups, then MNIST, then Fashion-MNIST) share the core, and
+each keeps its own head. Tasks of one modality also share that modality's front-end.
+
+Shapes: B batch, L tokens, K image channels, H×W pixels, I input width, T ticks, N neurons,
+C classes of a task.
+
+The model config (an OmegaConf node or anything that reads the same way) holds arch, neurons,
+ticks, sigma, theta, rho, leak, mode, train_death_rate, eval_death_rate, input_width,
+text {vocab_size, max_tokens}, image {channels, size, conv_channels}, and
+tasks {name: {modality, num_classes}}. README.md has a complete example.
+"""
+
+import torch
+import torch.nn.functional as F
+from megatron.core.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from thann.config import ConfigError
+from thann.models.chaosnet.neurons import MODES, ChaosNeurons
+
+ARCHS = ("chaosnet", "mlp_baseline")
+MODALITIES = ("text", "image")
+
+
+def chaosnet_transformer_config(model_cfg, *, bf16: bool) -> TransformerConfig:
+    """The smallest valid TransformerConfig. megatron-core's DDP, optimizer and Float16Module read
+    it (dtypes, bf16). The transformer fields are placeholders because no transformer is built."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=1, hidden_size=model_cfg.neurons, num_attention_heads=1,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=bf16,
+        # Built on the host, the trainer moves the model to its device.
+        use_cpu_initialization=True,
+    )
+
+
+class TextFrontEnd(torch.nn.Module):
+    """Mean of a document's token embeddings. Id ``vocab_size`` is padding and is left out of the mean."""
+
+    def __init__(self, vocab_size: int, width: int, **factory):
+        super().__init__()
+        self.bag = torch.nn.EmbeddingBag(vocab_size + 1, width, mode="mean", padding_idx=vocab_size, **factory)
+
+    def forward(self, tokens_BL: torch.Tensor) -> torch.Tensor:
+        return self.bag(tokens_BL)
+
+
+class ImageFrontEnd(torch.nn.Module):
+    def __init__(self, channels: int, size: int, conv_channels, width: int, **factory):
+        super().__init__()
+        layers = []
+        for out in conv_channels:
+            layers += [torch.nn.Conv2d(channels, out, 3, padding=1, **factory), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+            channels, size = out, size // 2
+        self.convs = torch.nn.Sequential(*layers)
+        self.project = torch.nn.Linear(channels * size * size, width, **factory)
+
+    def forward(self, pixels_BKHW: torch.Tensor) -> torch.Tensor:
+        x_BKHW = pixels_BKHW.to(self.project.weight.dtype) / 255
+        return self.project(self.convs(x_BKHW).flatten(1))
+
+
+def parameter_factory(config: TransformerConfig) -> dict:
+    # None follows torch.device(...) contexts, such as meta for counting parameters.
+    device = None if config.use_cpu_initialization else torch.cuda.current_device()
+    return dict(dtype=config.params_dtype, device=device)
+
+
+def _modalities(model_cfg) -> list[str]:
+    return [m for m in MODALITIES if any(task.modality == m for task in model_cfg.tasks.values())]
+
+
+def build_frontends(model_cfg, **factory) -> torch.nn.ModuleDict:
+    """A front-end for each modality that some task uses."""
+    width = model_cfg.input_width
+    build = {
+        "text": lambda: TextFrontEnd(model_cfg.text.vocab_size, width, **factory),
+        "image": lambda: ImageFrontEnd(model_cfg.image.channels, model_cfg.image.size,
+                                       list(model_cfg.image.conv_channels), width, **factory),
+    }
+    return torch.nn.ModuleDict({m: build[m]() for m in _modalities(model_cfg)})
+
+
+def build_heads(model_cfg, width: int, **factory) -> torch.nn.ModuleDict:
+    return torch.nn.ModuleDict(
+        {name: torch.nn.Linear(width, task.num_classes, **factory) for name, task in model_cfg.tasks.items()}
+    )
+
+
+def frontend_parameters(model_cfg) -> int:
+    width, total = model_cfg.input_width, 0
+    for modality in _modalities(model_cfg):
+        if modality == "text":
+            total += (model_cfg.text.vocab_size + 1) * width
+        else:
+            channels, size = model_cfg.image.channels, model_cfg.image.size
+            for out in model_cfg.image.conv_channels:
+                total += out * (channels * 9 + 1)
+                channels, size = out, size // 2
+            total += (channels * size * size + 1) * width
+    return total
+
+
+def head_parameters(model_cfg, width: int) -> int:
+    return sum((width + 1) * task.num_classes for task in model_cfg.tasks.values())
+
+
+def num_parameters(model_cfg) -> int:
+    """ChaosNet's parameter count from the config alone: front-ends + W_in, b + W_raw + heads."""
+    n, i = model_cfg.neurons, model_cfg.input_width
+    return frontend_parameters(model_cfg) + n * (i + 1) + n * n + head_parameters(model_cfg, n)
+
+
+def classify(head: torch.nn.Linear, features_BN: torch.Tensor, labels_B=None) -> torch.Tensor:
+    """Logits [B, C]. With labels, the per-sample cross-entropy [B] instead."""
+    logits_BC = head(features_BN)
+    if labels_B is None:
+        return logits_BC
+    return F.cross_entropy(logits_BC.float(), labels_B, reduction="none")
+
+
+class TaskClassifier(MegatronModule):
+    """What ChaosNet and its MLP baseline share: the front-ends and the routing of a task to its
+    modality. Each subclass adds its heads, sized to its own feature width."""
+
+    def __init__(self, config: TransformerConfig, model_cfg):
+        super().__init__(config=config)
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron-core's schedules
+        self.modality = {name: task.modality for name, task in model_cfg.tasks.items()}
+        self.frontends = build_frontends(model_cfg, **parameter_factory(config))
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """megatron-core's schedules call this on every model. A one-stage model receives nothing."""
+
+    def features(self, inputs: torch.Tensor, task: str) -> torch.Tensor:
+        if task not in self.modality:
+            raise ValueError(f"unknown task {task!r}; this model has heads for {sorted(self.modality)}")
+        return self.frontends[self.modality[task]](inputs)
+
+
+class ChaosNetClassifier(TaskClassifier):
+    def __init__(self, config: TransformerConfig, model_cfg):
+        super().__init__(config, model_cfg)
+        factory = parameter_factory(config)
+        self.core = ChaosNeurons(
+            model_cfg.input_width, model_cfg.neurons, ticks=model_cfg.ticks, sigma=model_cfg.sigma,
+            theta=model_cfg.theta, rho=model_cfg.rho, leak=model_cfg.leak, mode=model_cfg.mode, **factory,
+        )
+        self.heads = build_heads(model_cfg, model_cfg.neurons, **factory)
+
+    def draw_randomness(self, batch: int, generator: torch.Generator, death_rate: float):
+        return self.core.draw_randomness(batch, generator, death_rate)
+
+    def forward(self, inputs: torch.Tensor, task: str, alive_BTN: torch.Tensor, noise_BTN: torch.Tensor,
+                labels=None) -> torch.Tensor:
+        rates_BN = self.core(self.features(inputs, task), alive_BTN, noise_BTN)
+        return classify(self.heads[task], rates_BN, labels)
+
+
+def _require(ok: bool, field: str, value, reason: str) -> None:
+    if not ok:
+        raise ConfigError(field, value, reason)
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_model_config(model_cfg) -> None:
+    """Checks a ChaosNet (or MLP baseline) model config. Raises ConfigError naming the field."""
+    _require(model_cfg.arch in ARCHS, "model.arch", model_cfg.arch, f"must be one of {list(ARCHS)}")
+    for field in ("neurons", "ticks", "input_width"):
+        _require(_positive_int(model_cfg[field]), f"model.{field}", model_cfg[field], "must be a positive integer")
+    _require(model_cfg.mode in MODES, "model.mode", model_cfg.mode, f"must be one of {list(MODES)}")
+    for field in ("train_death_rate", "eval_death_rate"):
+        _require(0 <= model_cfg[field] < 1, f"model.{field}", model_cfg[field], "must be in [0, 1)")
+    _require(model_cfg.sigma >= 0, "model.sigma", model_cfg.sigma, "must be >= 0")
+    width = model_cfg.get("hidden_width")
+    _require(width is None or _positive_int(width), "model.hidden_width", width,
+             "must be null (matched to ChaosNet's parameter count) or a positive integer")
+    for field in ("rho", "leak"):
+        _require(0 <= model_cfg[field] <= 1, f"model.{field}", model_cfg[field], "must be in [0, 1]")
+    _require(len(model_cfg.tasks) > 0, "model.tasks", model_cfg.tasks, "must name at least one task")
+    for name, task in model_cfg.tasks.items():
+        # Task names are module names in the heads' ModuleDict.
+        _require("." not in name and name != "", f"model.tasks.{name}", name,
+                 "a task name must be non-empty, without '.'")
+        _require(task.modality in MODALITIES, f"model.tasks.{name}.modality", task.modality,
+                 f"must be one of {list(MODALITIES)}")
+        _require(_positive_int(task.num_classes) and task.num_classes >= 2, f"model.tasks.{name}.num_classes",
+                 task.num_classes, "must be an integer >= 2")
+    modalities = _modalities(model_cfg)
+    if "text" in modalities:
+        for field in ("vocab_size", "max_tokens"):
+            _require(_positive_int(model_cfg.text[field]), f"model.text.{field}", model_cfg.text[field],
+                     "must be a positive integer")
+    if "image" in modalities:
+        image = model_cfg.image
+        _require(_positive_int(image.channels), "model.image.channels", image.channels, "must be a positive integer")
+        convs = list(image.conv_channels)
+        _require(all(_positive_int(c) for c in convs), "model.image.conv_channels", convs,
+                 "must be a list of positive channel counts")
+        _require(_positive_int(image.size) and image.size >= 2 ** len(convs), "model.image.size", image.size,
+                 f"must be an integer >= {2 ** len(convs)}: each of the {len(convs)} convolutions halves it")
+
+
+def check_layout(parallel_cfg) -> None:
+    """ChaosNet runs data-parallel only: its core is too small to split over tensor, pipeline or
+    expert ranks (and it has no experts)."""
+    for field in ("tp", "pp", "ep", "etp"):
+        _require(parallel_cfg[field] == 1, f"parallel.{field}", parallel_cfg[field],
+                 "ChaosNet runs data-parallel only: use 1")
