@@ -17,6 +17,7 @@ be split: while generating, the model runs with sequence parallelism off (the sa
 the communication changes) and it is switched back afterwards.
 """
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -122,7 +123,9 @@ class Generator:
             for module in modules:
                 set_model_to_sequence_parallel(module, False)
         try:
-            with cpu_accommodations.function_mode_suspended():
+            # megatron-core's pipeline schedule allocates on "cuda": only one stage runs unintercepted
+            unintercepted = contextlib.nullcontext() if self.pipelined else cpu_accommodations.function_mode_suspended()
+            with unintercepted:
                 return self._loop(prompts, params, results, streams, lengths, contexts, end, keep_logits, on_token)
         finally:
             if sequence_parallel:

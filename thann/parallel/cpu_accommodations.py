@@ -140,9 +140,10 @@ def install() -> None:
 @contextlib.contextmanager
 def function_mode_suspended():
     """Torch calls inside are not intercepted by item 1 (~1 µs each saved): for code that allocates
-    only through current_device(), such as the forward passes of generation, where the mode's
-    overhead is a measurable share of a one-token step. Nothing changes when the mode is not the
-    innermost one (or not installed)."""
+    only through current_device(), such as generation's forward passes on one pipeline stage
+    (megatron-core's pipeline schedule allocates on "cuda"), where the mode's overhead is a
+    measurable share of a one-token step. Nothing changes when the mode is not the innermost one
+    (or not installed)."""
     from torch.overrides import _get_current_function_mode_stack, _pop_mode_temporarily
 
     stack = _get_current_function_mode_stack()
