@@ -44,8 +44,8 @@ def train(model: str, seed: int, args) -> dict:
     return {"valid": valid, "tokens_per_s": statistics.median(speeds)}
 
 
-def _state_bytes(context) -> int:
-    """Bytes of the tensors a generation context holds (KV cache or recurrent state)."""
+def _tensor_bytes(context) -> int:
+    """Bytes of the tensors a generation context (or a part of it) holds."""
     seen, total = set(), 0
 
     def visit(value):
@@ -107,8 +107,12 @@ def generation(contexts: list[int], new_tokens: int) -> dict:
             generator.generate([prompt], SamplingParams(max_new_tokens=new_tokens))
             total = time.perf_counter() - start
             model.new_inference_context = original
+            # NNN's context also holds its BitLinear weights quantised once for the generation:
+            # model weights, not state (fixed whatever the batch or the context length).
+            weights = _tensor_bytes(getattr(captured["context"], "weights", {}))
             results[(name, context)] = {"decode_tokens_per_s": (new_tokens - 1) / max(total - prefill, 1e-9),
-                                        "state_mib": _state_bytes(captured["context"]) / 2**20}
+                                        "state_mib": (_tensor_bytes(captured["context"]) - weights) / 2**20,
+                                        "weights_mib": weights / 2**20}
     state.destroy()
     return results
 
@@ -151,11 +155,12 @@ def main() -> None:
         tokens = statistics.mean(runs[(m, s)]["tokens_per_s"] for s in args.seeds)
         print(f"| {m} | {params:,} | {final[0]:.3f} ± {final[1]:.3f} | {curve} | {tokens:,.0f} |")
     print("\n| model | " + " | ".join(f"decode tokens/s @ {c}" for c in args.contexts) + " | "
-          + " | ".join(f"cache/state MiB @ {c}" for c in args.contexts) + " |")
-    print("|---|" + "---|" * (2 * len(args.contexts)))
+          + " | ".join(f"cache/state MiB @ {c}" for c in args.contexts) + " | quantised weights held MiB |")
+    print("|---|" + "---|" * (2 * len(args.contexts) + 1))
     for m in MODELS:
         print(f"| {m} | " + " | ".join(f"{speed[(m, c)]['decode_tokens_per_s']:.1f}" for c in args.contexts) + " | "
-              + " | ".join(f"{speed[(m, c)]['state_mib']:.3f}" for c in args.contexts) + " |")
+              + " | ".join(f"{speed[(m, c)]['state_mib']:.4f}" for c in args.contexts)
+              + f" | {speed[(m, args.contexts[-1])]['weights_mib']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -406,15 +406,25 @@ if __name__ == "__main__":
     _pipeline_worker()
 
 
-def test_bitlinear_without_gradients_requantises_after_an_update():
-    from thann.models.nnn.bitlinear import BitLinear
+def test_bitlinear_uses_weights_written_through_a_buffer():
+    """megatron-core's DDP makes parameters views of one buffer and its optimizers write through
+    the buffer, which never bumps the parameter's own version counter: evaluation, and every new
+    generation, must still compute with the new weights."""
+    from thann.models.nnn.bitlinear import frozen_weights
 
+    torch.manual_seed(0)
     layer = BitLinear(16, 8)
+    buffer = layer.weight.detach().flatten().clone()
+    layer.weight.data = buffer.view(8, 16)
     x = torch.randn(3, 16)
     with torch.no_grad():
         before = layer(x)
-        assert torch.equal(layer(x), before)  # the cached ternary weight
-        layer.weight.mul_(-1)  # an in-place update, as an optimizer step makes
+        with frozen_weights({}):
+            assert torch.equal(layer(x), before)
+        buffer.mul_(-1)  # the optimizer's write: W -> -W flips every ternary value, same scale
         after = layer(x)
+        with frozen_weights({}):
+            decoded = layer(x)
     torch.testing.assert_close(after, -before, rtol=0, atol=0)
+    torch.testing.assert_close(decoded, after, rtol=0, atol=0)
     torch.testing.assert_close(layer(x).detach(), after, rtol=0, atol=0)  # the training path agrees

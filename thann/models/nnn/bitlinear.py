@@ -10,6 +10,9 @@ inference kernel possible (not built here).
 Shape legend: O output features, F input features.
 """
 
+import contextlib
+import contextvars
+
 import torch
 import torch.nn.functional as F
 
@@ -49,30 +52,48 @@ def bitlinear(x: torch.Tensor, norm: torch.nn.RMSNorm, w_OF: torch.Tensor) -> to
     return F.linear(quantize_activations(norm(x)), w_OF)
 
 
+# Quantised weights reused while it is set (see frozen_weights); None: quantise on every call.
+_frozen: contextvars.ContextVar[dict | None] = contextvars.ContextVar("bitlinear_frozen", default=None)
+
+
+@contextlib.contextmanager
+def frozen_weights(cache: dict):
+    """Inside, each BitLinear quantises its weight once into ``cache`` and reuses it: for decoding,
+    one token per forward, where quantising every weight for every token would cost as much as
+    the matmuls. The caller promises the weights do not change while ``cache`` lives (a
+    generation's inference context). Nothing is keyed on tensor versions: megatron-core's DDP
+    and optimizers write parameters through views of their buffers, which never bump the
+    parameter's own version counter."""
+    token = _frozen.set(cache)
+    try:
+        yield
+    finally:
+        _frozen.reset(token)
+
+
 class BitLinear(torch.nn.Module):
     def __init__(self, in_features: int, out_features: int, init_method=None, dtype=None):
         super().__init__()
         self.norm = torch.nn.RMSNorm(in_features, eps=NORM_EPS, dtype=dtype)
         self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
         (init_method or (lambda w: torch.nn.init.normal_(w, std=0.02)))(self.weight)
-        self._inference_weight = (None, None)  # (the weight's version, its dequantised ternary form)
 
     def ternary_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(int8 values in {-1, 0, 1}, scale s in at least float32): the layer computes with ternary / s."""
         ternary, scale = ternarize(self.weight)
         return ternary.to(torch.int8), scale
 
+    def _quantized_weight(self) -> torch.Tensor:
+        ternary, scale = ternarize(self.weight)
+        return _straight_through(self.weight, (ternary / scale).to(self.weight.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            ternary, scale = ternarize(self.weight)
-            return bitlinear(x, self.norm, _straight_through(self.weight, (ternary / scale).to(self.weight.dtype)))
-        # Without gradients (generation, evaluation) the weight is quantised once per version
-        # of it (an optimizer step makes a new one), not once per token.
-        version = (self.weight._version, self.weight.data_ptr(), self.weight.dtype)
-        if self._inference_weight[0] != version:
-            ternary, scale = ternarize(self.weight)
-            self._inference_weight = (version, (ternary / scale).to(self.weight.dtype))
-        return bitlinear(x, self.norm, self._inference_weight[1])
+        cache = _frozen.get()
+        if cache is None:
+            return bitlinear(x, self.norm, self._quantized_weight())
+        if self not in cache:
+            cache[self] = self._quantized_weight().detach()
+        return bitlinear(x, self.norm, cache[self])
 
 
 class TernaryLinear(torch.nn.Module):

@@ -40,7 +40,8 @@ dense matmuls, so it is off by default.
 Shape legend: S sequence, B batch, D hidden (model_cfg.hidden_size), N nodes, V vocabulary.
 """
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from thann.config import ConfigError
 from thann.models.common.init import init_stream
+from thann.models.nnn.bitlinear import frozen_weights
 from thann.models.nnn.node import NORM_EPS, Node, NodeState
 
 
@@ -143,9 +145,11 @@ def nnn_transformer_config(model_cfg, parallel_cfg, *, bf16: bool) -> Transforme
 
 @dataclass
 class InferenceState:
-    """The recurrent state of this stage's nodes for a batch of sequences (see the module docstring)."""
+    """The recurrent state of this stage's nodes for a batch of sequences (see the module
+    docstring), and their BitLinear weights quantised once for the whole generation."""
 
     nodes: dict[int, NodeState]
+    weights: dict = field(default_factory=dict)
 
     def advance(self, tokens: int) -> None:
         """Nothing to do: the forward pass already moved every node's state on."""
@@ -212,11 +216,13 @@ class NNNModel(MegatronModule):
             local_SBD, global_SBD = self.input_tensor.chunk(2, dim=-1)
         probs_ND = self.lower_bounds.softmax(dim=0)
         lower_bounds_ND = probs_ND.cumsum(dim=0) - probs_ND[0]
-        for i, node in self.nodes.items():
-            i = int(i)
-            state = inference_context.nodes[i] if inference_context is not None else None
-            local_SBD = node(local_SBD, lower_bounds_ND[i], state)
-            global_SBD = global_SBD + node.global_weight * local_SBD
+        decoding = inference_context is not None
+        with frozen_weights(inference_context.weights) if decoding else contextlib.nullcontext():
+            for i, node in self.nodes.items():
+                i = int(i)
+                state = inference_context.nodes[i] if decoding else None
+                local_SBD = node(local_SBD, lower_bounds_ND[i], state)
+                global_SBD = global_SBD + node.global_weight * local_SBD
         if not self.post_process:
             return torch.cat([local_SBD, global_SBD], dim=-1)
         logits_SBV = self.lm_head(self.final_norm(local_SBD + global_SBD))
