@@ -69,7 +69,7 @@ def _trajectory(overrides: list[str]) -> dict:
 
 def stages(out_path: str, overrides: list[str]) -> None:
     with_reset = _trajectory(overrides)
-    classify.reset_optimizer_state = lambda optimizer: None
+    classify.reset_adam_state = lambda optimizer: None
     without_reset = _trajectory(overrides)
     torch.save({"reset": with_reset, "no_reset": without_reset}, out_path)
 

@@ -165,7 +165,7 @@ def test_thann_embed_writes_the_same_embeddings_in_another_layout(contrastive_ch
                                                              "Explain quantum computing", "Hi"])))
     outputs = {}
     for name, nproc, layout in (("single", 1, []), ("tp2_sp", 2, ["parallel.tp=2", "parallel.sp=true"]),
-                                ("dp2", 2, [])):
+                                ("pp2", 2, ["parallel.pp=2"]), ("dp2", 2, [])):
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
                               "-m", "thann.inference.embed", f"load={contrastive_checkpoint}",
                               f"input={tmp_path / 'texts.jsonl'}", f"output={tmp_path / name}", "batch_size=3", *layout],
@@ -176,7 +176,7 @@ def test_thann_embed_writes_the_same_embeddings_in_another_layout(contrastive_ch
         assert json.loads((tmp_path / f"{name}.ids.json").read_text()) == ["t0", "t1", "t2", "t3"]
     assert outputs["single"].shape == (4, 16)
     np.testing.assert_allclose(np.linalg.norm(outputs["single"], axis=1), 1.0, rtol=1e-5)
-    for name in ("tp2_sp", "dp2"):
+    for name in ("tp2_sp", "pp2", "dp2"):
         np.testing.assert_allclose(outputs[name], outputs["single"], rtol=1e-5, atol=1e-6)
     missing = subprocess.run([sys.executable, "-m", "thann.inference.embed", f"load={contrastive_checkpoint}",
                               f"input={tmp_path / 'none.txt'}", f"output={tmp_path / 'x'}"], cwd=ROOT,

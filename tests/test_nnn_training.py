@@ -122,3 +122,20 @@ def test_the_dense_baseline_has_nnn_tiny_s_parameter_count(single_rank):
         counts[name] = sum(p.numel() for p in model.parameters())
         assert counts[name] == family.num_parameters(cfg, 100352), name
     assert counts["nnn_tiny"] == counts["gpt_tiny"]
+
+
+@pytest.mark.parametrize("model_fields, tp, field", [
+    ({"num_query_groups": 3}, 1, "model.num_query_groups"),  # 4 heads cannot share 3 groups
+    ({"num_query_groups": 1}, 2, "parallel.tp"),  # one key-value group cannot split over 2 ranks
+])
+def test_the_dense_baseline_names_a_bad_attention_layout(model_fields, tp, field):
+    from omegaconf import OmegaConf
+
+    from thann.config import ConfigError
+    from thann.models.gpt.model import check
+
+    cfg = OmegaConf.merge(OmegaConf.load(os.path.join(ROOT, "configs", "model", "gpt_tiny.yaml")), model_fields)
+    layout = OmegaConf.create({"tp": tp, "pp": 1, "ep": 1, "etp": 1, "sp": tp > 1})
+    with pytest.raises(ConfigError) as error:
+        check(cfg, layout, "none")
+    assert str(error.value).startswith(f"invalid config: {field}=")

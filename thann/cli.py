@@ -104,12 +104,7 @@ def run_task(task: str, config_name: str, argv: list[str] | None = None) -> None
     if "--help" in argv or "-h" in argv:
         print(f"usage: {os.path.basename(sys.argv[0])} [key=value ...]   (configs/{config_name}.yaml; README)")
         sys.exit(0)
-    try:
-        cfg = load_config(config_name, argv)
-    except UsageError as e:
-        if _is_rank_zero():
-            print(e, file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
+    cfg = exit_on_bad_input(lambda: load_config(config_name, argv))
     # megatron-core logs every parameter name and config field at INFO.
     logging.getLogger("megatron").setLevel(logging.WARNING)
     module, _, name = task.partition(":")

@@ -6,6 +6,7 @@ Every rank ends up holding every full tensor: meant for small models and tools, 
 checkpointing large ones.
 """
 
+import os
 from typing import Callable
 
 import torch
@@ -57,8 +58,6 @@ def start_from_shared_weights(model_chunks, optimizer, path: str) -> list[Sharde
     """Every layout of a comparison starts from the same weights: the full weights in ``path``,
     written there first by a world of one when the file is missing. Returns the model's sharded
     tensors."""
-    import os
-
     tensors = model_sharded_tensors(model_chunks)
     if not os.path.exists(path):
         if dist.get_world_size() != 1:

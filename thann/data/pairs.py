@@ -33,7 +33,7 @@ def split_documents(num_documents: int, split: str, seed: int) -> tuple[np.ndarr
     return np.sort(order[:train_end]), np.sort(order[train_end:valid_end])
 
 
-def _fit(ids: np.ndarray, seq_length: int, eod: int) -> list[int]:
+def fit_text(ids: np.ndarray, seq_length: int, eod: int) -> list[int]:
     """A text as at most seq_length tokens, always ending in the end-of-document token (the
     position last-token pooling reads)."""
     ids = [int(t) for t in ids]
@@ -46,15 +46,13 @@ class PairDataset:
     def __init__(self, prefix: str, documents: np.ndarray, seq_length: int, hard_negatives: int, eod: int):
         self.data = IndexedDataset(prefix)
         self.documents, self.seq_length, self.hard_negatives, self.eod = documents, seq_length, hard_negatives, eod
-        bounds = self.data.document_indices
-        self.sizes = bounds[documents + 1] - bounds[documents]  # sequences per pair: 2 + negatives
 
     def __len__(self) -> int:
         return len(self.documents)
 
     def __getitem__(self, index: int) -> dict:
         first = int(self.data.document_indices[self.documents[index]])
-        texts = [_fit(self.data[first + i], self.seq_length, self.eod) for i in range(2 + self.hard_negatives)]
+        texts = [fit_text(self.data[first + i], self.seq_length, self.eod) for i in range(2 + self.hard_negatives)]
         return {"query": texts[0], "positive": texts[1], "negatives": texts[2:]}
 
 
@@ -75,7 +73,7 @@ class SpanPairDataset:
         for _ in range(2):
             length = int(rng.integers(max(1, longest // 2), longest + 1))
             start = int(rng.integers(0, len(tokens) - length + 1))
-            spans.append(_fit(tokens[start:start + length], self.seq_length, self.eod))
+            spans.append(fit_text(tokens[start:start + length], self.seq_length, self.eod))
         return {"query": spans[0], "positive": spans[1], "negatives": []}
 
 
@@ -93,13 +91,17 @@ class Sampler:
         return int(self._order[position])
 
 
-def collate(samples: list[dict], seq_length: int, eod: int) -> dict:
-    texts = ([s["query"] for s in samples] + [s["positive"] for s in samples]
-             + [n for s in samples for n in s["negatives"]])
+def pad_texts(texts: list[list[int]], seq_length: int, eod: int) -> dict:
+    """Texts as one batch: ``tokens`` [N, S] right-padded with ``eod``, and their ``lengths``."""
     tokens = torch.full((len(texts), seq_length), eod, dtype=torch.long)
     for row, ids in enumerate(texts):
         tokens[row, : len(ids)] = torch.tensor(ids)
     return {"tokens": tokens, "lengths": torch.tensor([len(t) for t in texts])}
+
+
+def collate(samples: list[dict], seq_length: int, eod: int) -> dict:
+    return pad_texts([s["query"] for s in samples] + [s["positive"] for s in samples]
+                     + [n for s in samples for n in s["negatives"]], seq_length, eod)
 
 
 def pair_batches(dataset, batching: Batching, consumed_samples: int, seed: int, seq_length: int, eod: int):

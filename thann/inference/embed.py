@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from thann.cli import exit_on_bad_input, load_config
 from thann.config import ConfigError, check_parallel, require
+from thann.data.pairs import fit_text
 from thann.data.tokenizer import padded_vocab_size
 from thann.inference.embedding import embed_texts
 from thann.inference.loading import checkpoint_path, load_weights, saved_config, saved_run, saved_tokenizer
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     from thann.parallel import state
 
     seq = saved.train.seq_length
-    tokens = [tokenizer.encode(text)[: seq - 1] + [tokenizer.eod] for text in texts]
+    tokens = [fit_text(tokenizer.encode(text), seq, tokenizer.eod) for text in texts]
     dim = saved.contrastive.projection_dim or saved.model.hidden_size
     # Data-parallel ranks share out the texts, except under expert parallelism (its groups span
     # data-parallel ranks, whose steps must match one for one).

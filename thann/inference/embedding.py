@@ -5,7 +5,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from thann.data.pairs import collate
+from thann.data.pairs import pad_texts
 from thann.parallel import state
 
 
@@ -26,7 +26,7 @@ def embed_texts(model_chunks: list, texts: list[list[int]], micro_batch_size: in
     for start in range(0, len(texts), micro_batch_size):
         chunk = texts[start:start + micro_batch_size]
         padded = chunk + chunk[-1:] * (micro_batch_size - len(chunk))
-        batch = collate([{"query": t, "positive": [], "negatives": []} for t in padded], seq_length, eod)
+        batch = pad_texts(padded, seq_length, eod)
 
         def step(data_iterator, model):
             return encode(next(data_iterator), model, project), lambda out, non_loss_data=False: out

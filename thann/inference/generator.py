@@ -99,22 +99,11 @@ class Generator:
 
     # -- the loop --------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams, first_index: int = 0,
-                 on_token: Callable[[int, Generation], None] | None = None,
-                 keep_logits: bool = False) -> list[Generation]:
-        """Continues every prompt; returns one Generation per prompt, on every rank.
-        ``first_index``: the prompts' position in a larger request, which seeds their random
-        streams. ``on_token(row, generation)`` is called after each new token (streaming)."""
-        params.check()
-        self.check_prompts(prompts)
-        results = [Generation(list(p), logits=[] if keep_logits else None) for p in prompts]
-        streams = [row_generator(params.seed, first_index + i) for i in range(len(prompts))]
-        lengths = [len(p) for p in prompts]
-        B = len(prompts)
-        end = min(self.max_sequence_length, max(lengths) + params.max_new_tokens)
+    @contextlib.contextmanager
+    def _decoding(self):
+        """The chunks in evaluation mode with sequence parallelism off (and on one stage outside
+        the CPU function mode), restored afterwards."""
         modules = [unwrap_model(chunk) for chunk in self.chunks]
-        contexts = {id(chunk): module.new_inference_context(B, end) for chunk, module in zip(self.chunks, modules)}
         was_training = [chunk.training for chunk in self.chunks]
         sequence_parallel = modules[0].config.sequence_parallel
         for chunk in self.chunks:
@@ -124,9 +113,8 @@ class Generator:
                 set_model_to_sequence_parallel(module, False)
         try:
             # megatron-core's pipeline schedule allocates on "cuda": only one stage runs unintercepted
-            unintercepted = contextlib.nullcontext() if self.pipelined else cpu_accommodations.function_mode_suspended()
-            with unintercepted:
-                return self._loop(prompts, params, results, streams, lengths, contexts, end, keep_logits, on_token)
+            with contextlib.nullcontext() if self.pipelined else cpu_accommodations.function_mode_suspended():
+                yield
         finally:
             if sequence_parallel:
                 for module in modules:
@@ -134,43 +122,56 @@ class Generator:
             for chunk, training in zip(self.chunks, was_training):
                 chunk.train(training)
 
-    def _loop(self, prompts, params, results, streams, lengths, contexts, end, keep_logits, on_token):
-        """Prefill to the shortest prompt, then one position per step until every row is done."""
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams, first_index: int = 0,
+                 on_token: Callable[[int, Generation], None] | None = None,
+                 keep_logits: bool = False) -> list[Generation]:
+        """Continues every prompt; returns one Generation per prompt, on every rank.
+        ``first_index``: the prompts' position in a larger request, which seeds their random
+        streams. ``on_token(row, generation)`` is called after each new token (streaming).
+        Prefills to the shortest prompt, then feeds one position per step until every row is done."""
+        params.check()
+        self.check_prompts(prompts)
+        results = [Generation(list(p), logits=[] if keep_logits else None) for p in prompts]
+        streams = [row_generator(params.seed, first_index + i) for i in range(len(prompts))]
+        lengths = [len(p) for p in prompts]
         B, device = len(prompts), state.device()
-        start = min(lengths)
-        fed = torch.tensor([p[:start] for p in prompts], device=device)
+        end = min(self.max_sequence_length, max(lengths) + params.max_new_tokens)
+        contexts = {id(chunk): unwrap_model(chunk).new_inference_context(B, end) for chunk in self.chunks}
+        fed = torch.tensor([p[:min(lengths)] for p in prompts], device=device)
         offset, finished = 0, [False] * B
-        while True:
-            logits_BV = self._forward(contexts, fed, offset)
-            offset += fed.size(1)
-            chosen = torch.zeros(B, dtype=torch.long, device=device)
-            logprobs = torch.zeros(B, dtype=torch.float32, device=device)
-            if logits_BV is not None:
-                logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
-                for i in range(B):
-                    if offset < lengths[i] or finished[i]:
-                        continue
-                    chosen[i] = choose(logits_BV[i], params, streams[i])
-                    logprobs[i] = logprobs_BV[i, chosen[i]]
-                    if keep_logits:
-                        results[i].logits.append(logits_BV[i].cpu())
-            self._share(chosen)
-            self._share(logprobs)
-            next_tokens = []
-            for i, result in enumerate(results):
-                if offset < lengths[i]:
-                    next_tokens.append(prompts[i][offset])  # still reading its prompt
-                elif finished[i]:
-                    next_tokens.append(self.tokenizer.eod)
-                else:
-                    self._append(result, int(chosen[i]), float(logprobs[i]), params, offset + 1 >= end)
-                    finished[i] = bool(result.finish_reason)
-                    next_tokens.append(int(chosen[i]))
-                    if on_token is not None:
-                        on_token(i, result)
-            if all(finished) or offset >= end:
-                break
-            fed = torch.tensor(next_tokens, device=device).unsqueeze(1)
+        with self._decoding():
+            while True:
+                logits_BV = self._forward(contexts, fed, offset)
+                offset += fed.size(1)
+                chosen = torch.zeros(B, dtype=torch.long, device=device)
+                logprobs = torch.zeros(B, dtype=torch.float32, device=device)
+                if logits_BV is not None:
+                    logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
+                    for i in range(B):
+                        if offset < lengths[i] or finished[i]:
+                            continue
+                        chosen[i] = choose(logits_BV[i], params, streams[i])
+                        logprobs[i] = logprobs_BV[i, chosen[i]]
+                        if keep_logits:
+                            results[i].logits.append(logits_BV[i].cpu())
+                self._share(chosen)
+                self._share(logprobs)
+                next_tokens = []
+                for i, result in enumerate(results):
+                    if offset < lengths[i]:
+                        next_tokens.append(prompts[i][offset])  # still reading its prompt
+                    elif finished[i]:
+                        next_tokens.append(self.tokenizer.eod)
+                    else:
+                        self._append(result, int(chosen[i]), float(logprobs[i]), params, offset + 1 >= end)
+                        finished[i] = bool(result.finish_reason)
+                        next_tokens.append(int(chosen[i]))
+                        if on_token is not None:
+                            on_token(i, result)
+                if all(finished) or offset >= end:
+                    break
+                fed = torch.tensor(next_tokens, device=device).unsqueeze(1)
         return results
 
     def _append(self, result: Generation, token: int, logprob: float, params: SamplingParams, full: bool) -> None:

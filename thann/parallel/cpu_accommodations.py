@@ -19,7 +19,6 @@ import torch.distributed
 from torch.overrides import TorchFunctionMode
 
 _undo: list = []  # how to put back what install() replaced, newest last
-_mode = None  # item 1's function mode, while installed
 
 
 class _NoStream:
@@ -76,17 +75,10 @@ def install() -> None:
     #    device=torch.cuda.current_device(), an integer meaning "cuda:N". A TorchFunctionMode sends
     #    both to the CPU; it does not reach code run by the autograd engine's threads (e.g.
     #    ColumnParallelLinear's backward), so current_device() itself answers "cpu" too.
-    global _mode
     _replace(torch.cuda, "current_device", lambda: torch.device("cpu"))
-    _mode = CudaAllocationsToCpu()
-    _mode.__enter__()
-
-    def exit_mode():
-        global _mode
-        _mode.__exit__(None, None, None)
-        _mode = None
-
-    _undo.append(exit_mode)
+    mode = CudaAllocationsToCpu()
+    mode.__enter__()
+    _undo.append(lambda: mode.__exit__(None, None, None))
     # 2. Host/device synchronisation is meaningless on CPU.
     _replace(torch.cuda, "synchronize", lambda *args, **kwargs: None)
     # 3. Streams: the alltoall token dispatcher creates a torch.cuda.Stream in __init__
@@ -147,7 +139,7 @@ def function_mode_suspended():
     from torch.overrides import _get_current_function_mode_stack, _pop_mode_temporarily
 
     stack = _get_current_function_mode_stack()
-    if _mode is None or not stack or stack[-1] is not _mode:
+    if not stack or not isinstance(stack[-1], CudaAllocationsToCpu):
         yield
         return
     with _pop_mode_temporarily():

@@ -56,6 +56,7 @@ from thann.data.classification import DATASET_INFO, DATASETS, load
 from thann.models.chaosnet import build_classifier, chaosnet_transformer_config, check_layout, check_model_config
 from thann.parallel import state
 from thann.training import steps
+from thann.training.optimizer import reset_adam_state
 from thann.training.task import Task
 
 TRAIN_ORDER, TRAIN_MASKS, EVAL_MASKS, EVAL_SUBSET = range(4)  # random streams
@@ -152,16 +153,6 @@ def _check_resumed_tasks(cfg: DictConfig) -> None:
                 f"the checkpoint {found[0].path} has heads for {saved}; use those tasks or another checkpoint.dir")
 
 
-def reset_optimizer_state(optimizer) -> None:
-    """Zeroes every tensor of the torch optimizers' state (Adam: moments and step) inside a
-    megatron-core optimizer (chained or not, distributed or not): the next update is a first one."""
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for param_state in inner.optimizer.state.values():
-            for value in param_state.values():
-                if torch.is_tensor(value):
-                    value.zero_()
-
-
 def classification_loss(labels: torch.Tensor, logits: torch.Tensor):
     """Summed cross entropy over the micro-batch, divided by its size by megatron-core's schedule
     (the size is the returned count), so that the step's loss is the global batch's mean."""
@@ -242,7 +233,7 @@ class ClassifyTask(Task):
         else:
             self.current = self.schedule.task_of(self.done)
             if self.schedule.stage_starts(self.done):
-                reset_optimizer_state(trainer.optimizer)
+                reset_adam_state(trainer.optimizer)
                 trainer.message(f"step {trainer.step + 1}: stage {self.current + 1}/{len(self.c.tasks)} trains "
                                 f"{self.c.tasks[self.current]} (optimizer state reset)")
         return steps.pipelined(trainer, batches, num_microbatches, forward_only)
@@ -354,5 +345,4 @@ class ClassifyTask(Task):
         return record
 
 
-__all__ = ["ClassifyTask", "Schedule", "classification_loss", "generator", "model_config",
-           "reset_optimizer_state"]
+__all__ = ["ClassifyTask", "Schedule", "classification_loss", "generator", "model_config"]

@@ -226,9 +226,9 @@ class ContrastiveTask(Task):
 
     def metrics(self, means: dict[str, float], split: str) -> dict[str, float]:
         """(With a learnt temperature the trainer's records show it as ``temperature``: see evaluate.)"""
-        # Training embeds every micro-batch twice (grad_cache), evaluation once.
-        passes = 2 if split == "train" else 1
-        aux = tracked_aux_loss(self.transformer_config, passes * self.batching.num_microbatches)
+        # grad_cache embeds every training micro-batch twice, but megatron-core's router records
+        # the load-balancing loss only with gradients enabled (the second pass): one per micro-batch.
+        aux = tracked_aux_loss(self.transformer_config, self.batching.num_microbatches)
         record = {"loss": means["contrastive_loss"], **means}
         if split == "train":
             record["aux_loss"] = aux

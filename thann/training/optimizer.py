@@ -56,11 +56,29 @@ def build_optimizer(train_cfg, distributed_optimizer: bool, model_chunks, bf16: 
     return optimizer, scheduler
 
 
+def _inner_optimizers(optimizer) -> list:
+    """The torch-level optimizers inside a megatron-core optimizer (chained or not)."""
+    return [m.optimizer for m in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
 def _torch_adams(optimizer) -> list:
-    """The torch Adam instances inside a megatron-core optimizer (chained or not); none where
-    megatron-core found transformer-engine's or apex's FusedAdam."""
-    inner = [m.optimizer for m in getattr(optimizer, "chained_optimizers", [optimizer])]
-    return [adam for adam in inner if isinstance(adam, (torch.optim.Adam, torch.optim.AdamW))]
+    """The torch Adam instances inside a megatron-core optimizer; none where megatron-core found
+    transformer-engine's or apex's FusedAdam."""
+    return [adam for adam in _inner_optimizers(optimizer) if isinstance(adam, (torch.optim.Adam, torch.optim.AdamW))]
+
+
+def reset_adam_state(optimizer) -> None:
+    """Zeroes the Adam state inside a megatron-core optimizer (distributed or not): moments and
+    step, the step wherever it is kept (per parameter in torch's Adam, per parameter group in
+    transformer-engine's and apex's FusedAdam), so the next update is a first one."""
+    for inner in _inner_optimizers(optimizer):
+        for param_state in inner.state.values():
+            for value in param_state.values():
+                if torch.is_tensor(value):
+                    value.zero_()
+        for group in inner.param_groups:
+            if "step" in group:
+                group["step"] = 0
 
 
 def _use_fused_kernel(adam) -> None:

@@ -24,7 +24,7 @@ from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from thann.config import ConfigError
+from thann.config import require
 from thann.models.chaosnet.neurons import MODES, ChaosNeurons
 
 ARCHS = ("chaosnet", "mlp_baseline")
@@ -166,50 +166,45 @@ class ChaosNetClassifier(TaskClassifier):
         return classify(self.heads[task], rates_BN, labels)
 
 
-def _require(ok: bool, field: str, value, reason: str) -> None:
-    if not ok:
-        raise ConfigError(field, value, reason)
-
-
 def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def check_model_config(model_cfg) -> None:
     """Checks a ChaosNet (or MLP baseline) model config. Raises ConfigError naming the field."""
-    _require(model_cfg.arch in ARCHS, "model.arch", model_cfg.arch, f"must be one of {list(ARCHS)}")
+    require(model_cfg.arch in ARCHS, "model.arch", model_cfg.arch, f"must be one of {list(ARCHS)}")
     for field in ("neurons", "ticks", "input_width"):
-        _require(_positive_int(model_cfg[field]), f"model.{field}", model_cfg[field], "must be a positive integer")
-    _require(model_cfg.mode in MODES, "model.mode", model_cfg.mode, f"must be one of {list(MODES)}")
+        require(_positive_int(model_cfg[field]), f"model.{field}", model_cfg[field], "must be a positive integer")
+    require(model_cfg.mode in MODES, "model.mode", model_cfg.mode, f"must be one of {list(MODES)}")
     for field in ("train_death_rate", "eval_death_rate"):
-        _require(0 <= model_cfg[field] < 1, f"model.{field}", model_cfg[field], "must be in [0, 1)")
-    _require(model_cfg.sigma >= 0, "model.sigma", model_cfg.sigma, "must be >= 0")
+        require(0 <= model_cfg[field] < 1, f"model.{field}", model_cfg[field], "must be in [0, 1)")
+    require(model_cfg.sigma >= 0, "model.sigma", model_cfg.sigma, "must be >= 0")
     width = model_cfg.get("hidden_width")
-    _require(width is None or _positive_int(width), "model.hidden_width", width,
+    require(width is None or _positive_int(width), "model.hidden_width", width,
              "must be null (matched to ChaosNet's parameter count) or a positive integer")
     for field in ("rho", "leak"):
-        _require(0 <= model_cfg[field] <= 1, f"model.{field}", model_cfg[field], "must be in [0, 1]")
-    _require(len(model_cfg.tasks) > 0, "model.tasks", model_cfg.tasks, "must name at least one task")
+        require(0 <= model_cfg[field] <= 1, f"model.{field}", model_cfg[field], "must be in [0, 1]")
+    require(len(model_cfg.tasks) > 0, "model.tasks", model_cfg.tasks, "must name at least one task")
     for name, task in model_cfg.tasks.items():
         # Task names are module names in the heads' ModuleDict.
-        _require("." not in name and name != "", f"model.tasks.{name}", name,
+        require("." not in name and name != "", f"model.tasks.{name}", name,
                  "a task name must be non-empty, without '.'")
-        _require(task.modality in MODALITIES, f"model.tasks.{name}.modality", task.modality,
+        require(task.modality in MODALITIES, f"model.tasks.{name}.modality", task.modality,
                  f"must be one of {list(MODALITIES)}")
-        _require(_positive_int(task.num_classes) and task.num_classes >= 2, f"model.tasks.{name}.num_classes",
+        require(_positive_int(task.num_classes) and task.num_classes >= 2, f"model.tasks.{name}.num_classes",
                  task.num_classes, "must be an integer >= 2")
     modalities = _modalities(model_cfg)
     if "text" in modalities:
         for field in ("vocab_size", "max_tokens"):
-            _require(_positive_int(model_cfg.text[field]), f"model.text.{field}", model_cfg.text[field],
+            require(_positive_int(model_cfg.text[field]), f"model.text.{field}", model_cfg.text[field],
                      "must be a positive integer")
     if "image" in modalities:
         image = model_cfg.image
-        _require(_positive_int(image.channels), "model.image.channels", image.channels, "must be a positive integer")
+        require(_positive_int(image.channels), "model.image.channels", image.channels, "must be a positive integer")
         convs = list(image.conv_channels)
-        _require(all(_positive_int(c) for c in convs), "model.image.conv_channels", convs,
+        require(all(_positive_int(c) for c in convs), "model.image.conv_channels", convs,
                  "must be a list of positive channel counts")
-        _require(_positive_int(image.size) and image.size >= 2 ** len(convs), "model.image.size", image.size,
+        require(_positive_int(image.size) and image.size >= 2 ** len(convs), "model.image.size", image.size,
                  f"must be an integer >= {2 ** len(convs)}: each of the {len(convs)} convolutions halves it")
 
 
@@ -217,5 +212,5 @@ def check_layout(parallel_cfg) -> None:
     """ChaosNet runs data-parallel only: its core is too small to split over tensor, pipeline or
     expert ranks (and it has no experts)."""
     for field in ("tp", "pp", "ep", "etp"):
-        _require(parallel_cfg[field] == 1, f"parallel.{field}", parallel_cfg[field],
+        require(parallel_cfg[field] == 1, f"parallel.{field}", parallel_cfg[field],
                  "ChaosNet runs data-parallel only: use 1")

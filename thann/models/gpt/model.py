@@ -16,6 +16,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayerSubmodul
 from thann.config import require
 from thann.models.common.kv_cache import GeneratesWithKVCache
 from thann.models.common.norm import Norm
+from thann.models.thann.checks import check_recompute
+from thann.models.thann.size import attention_params
 from thann.models.thann.spec import ThannLayer, self_attention_spec
 
 
@@ -69,8 +71,7 @@ def dense_transformer_config(model_cfg, parallel_cfg, *, bf16: bool, recompute: 
 
 def num_parameters(model_cfg, vocab_size: int) -> int:
     h, L, F_ = model_cfg.hidden_size, model_cfg.num_layers, model_cfg.ffn_hidden_size
-    kv = model_cfg.num_query_groups * (h // model_cfg.num_attention_heads)
-    layer = 2 * h + h * (h + 2 * kv) + h * h + 3 * h * F_  # norms, qkv, proj, SwiGLU
+    layer = 2 * h + attention_params(model_cfg) + 3 * h * F_  # norms, qkv and proj, SwiGLU
     embedding = vocab_size * h * (1 if model_cfg.tie_embeddings else 2)
     return embedding + L * layer + h
 
@@ -81,11 +82,16 @@ def check(model_cfg, parallel_cfg, recompute: str) -> None:
                 "must be a positive integer")
     require(model_cfg.hidden_size % model_cfg.num_attention_heads == 0, "model.num_attention_heads",
             model_cfg.num_attention_heads, f"must divide model.hidden_size={model_cfg.hidden_size}")
+    require(isinstance(model_cfg.num_query_groups, int) and model_cfg.num_query_groups > 0
+            and model_cfg.num_attention_heads % model_cfg.num_query_groups == 0, "model.num_query_groups",
+            model_cfg.num_query_groups, f"must divide model.num_attention_heads={model_cfg.num_attention_heads}")
     require(model_cfg.num_attention_heads % parallel_cfg.tp == 0, "parallel.tp", parallel_cfg.tp,
             f"must divide model.num_attention_heads={model_cfg.num_attention_heads}")
+    require(model_cfg.num_query_groups % parallel_cfg.tp == 0, "parallel.tp", parallel_cfg.tp,
+            f"must divide model.num_query_groups={model_cfg.num_query_groups}")
     require(model_cfg.ffn_hidden_size % parallel_cfg.tp == 0, "parallel.tp", parallel_cfg.tp,
             f"must divide model.ffn_hidden_size={model_cfg.ffn_hidden_size}")
     require(model_cfg.num_layers % parallel_cfg.pp == 0, "parallel.pp", parallel_cfg.pp,
             f"must divide model.num_layers={model_cfg.num_layers}")
     require(parallel_cfg.ep == 1, "parallel.ep", parallel_cfg.ep, "a dense model has no experts: use 1")
-    require(recompute in ("none", "selective", "full"), "train.recompute", recompute, "must be none, selective or full")
+    check_recompute(recompute)

@@ -58,9 +58,9 @@ _frozen: contextvars.ContextVar[dict | None] = contextvars.ContextVar("bitlinear
 
 @contextlib.contextmanager
 def frozen_weights(cache: dict):
-    """Inside, each BitLinear quantises its weight once into ``cache`` and reuses it: for decoding,
-    one token per forward, where quantising every weight for every token would cost as much as
-    the matmuls. The caller promises the weights do not change while ``cache`` lives (a
+    """Inside, each BitLinear (and TernaryLinear) computes its weight once into ``cache`` and
+    reuses it: for decoding, one token per forward, where quantising every weight for every token
+    would cost as much as the matmuls. The caller promises the weights do not change while ``cache`` lives (a
     generation's inference context). Nothing is keyed on tensor versions: megatron-core's DDP
     and optimizers write parameters through views of their buffers, which never bump the
     parameter's own version counter."""
@@ -69,6 +69,16 @@ def frozen_weights(cache: dict):
         yield
     finally:
         _frozen.reset(token)
+
+
+def _weight_of(layer: torch.nn.Module, quantized_weight) -> torch.Tensor:
+    """``quantized_weight()``, computed once per ``frozen_weights`` cache (every call without one)."""
+    cache = _frozen.get()
+    if cache is None:
+        return quantized_weight()
+    if layer not in cache:
+        cache[layer] = quantized_weight().detach()
+    return cache[layer]
 
 
 class BitLinear(torch.nn.Module):
@@ -88,12 +98,7 @@ class BitLinear(torch.nn.Module):
         return _straight_through(self.weight, (ternary / scale).to(self.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cache = _frozen.get()
-        if cache is None:
-            return bitlinear(x, self.norm, self._quantized_weight())
-        if self not in cache:
-            cache[self] = self._quantized_weight().detach()
-        return bitlinear(x, self.norm, cache[self])
+        return bitlinear(x, self.norm, _weight_of(self, self._quantized_weight))
 
 
 class TernaryLinear(torch.nn.Module):
@@ -105,5 +110,8 @@ class TernaryLinear(torch.nn.Module):
         self.register_buffer("ternary", ternary_OF.to(torch.int8))
         self.register_buffer("scale", scale.float().reshape(()))
 
+    def _dequantized_weight(self) -> torch.Tensor:
+        return (self.ternary.float() / self.scale).to(self.norm.weight.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return bitlinear(x, self.norm, (self.ternary.float() / self.scale).to(self.norm.weight.dtype))
+        return bitlinear(x, self.norm, _weight_of(self, self._dequantized_weight))
