@@ -146,7 +146,7 @@ def test_a_single_prompt_streams_its_tokens(tiny_checkpoint):
 
 @pytest.mark.parametrize("override, message", [
     ("prompt=" + "word " * 80, "invalid config: prompt="),            # longer than the sequence budget (64)
-    ("prompt=' '", "invalid config: prompt=' ': is empty"),
+    ("prompt=''", "invalid config: prompt='': is empty"),
     ("top_p=1.5", "invalid config: top_p='1.5': must be in (0, 1]"),
     ("tokenizer={type:huggingface,model:/nonexistent}", "invalid config: tokenizer="),
 ])

@@ -5,13 +5,14 @@ import json
 import os
 import shutil
 import signal
+import time
 
 import pytest
 from omegaconf import OmegaConf
 
 from conftest import ROOT, read_metrics, run_patched, run_pretrain, start_pretrain, tiny_run_overrides, wait_for_step
 
-EXIT_FAILED, EXIT_CONFIG, EXIT_NONFINITE, EXIT_STOPPED = 1, 2, 3, 75
+EXIT_FAILED, EXIT_CONFIG, EXIT_NONFINITE, EXIT_STOPPED, EXIT_ABORTED = 1, 2, 3, 75, 130
 
 
 def _checkpoints(run_dir) -> list[str]:
@@ -54,14 +55,54 @@ def test_missing_latest_resumes_from_the_newest_checkpoint_and_a_fresh_start_kee
     fresh = run_pretrain(tiny_run_overrides(tiny_corpus, run_dir, steps=2) + [
         "checkpoint.resume=false", "checkpoint.interval=1", "checkpoint.keep=1"])
     assert fresh.returncode == 0, fresh.stderr[-3000:]
-    assert "checkpoint.resume=false: starting from scratch; the 2 checkpoint(s)" in fresh.stdout
-    assert _checkpoints(run_dir) == ["iter_0000002", "iter_0000004", "iter_0000006"]
-    assert all((run_dir / name / "manifest.json").read_text() == text for name, text in old.items())
+    assert "checkpoint.resume=false: starting from scratch; the earlier run's 2 checkpoint(s) and logs are kept in" \
+        in fresh.stdout
+    assert _checkpoints(run_dir) == ["iter_0000002"]
+    archive = next((run_dir / "archive").iterdir())
+    assert all((archive / name / "manifest.json").read_text() == text for name, text in old.items())
     assert (run_dir / "latest").read_text() == "iter_0000002"
     assert _steps(run_dir) == [1, 2]
-    kept = [p for p in run_dir.glob("metrics.*.jsonl")]
-    assert len(kept) == 1 and [r["step"] for r in map(json.loads, kept[0].read_text().splitlines())
-                               if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in read_metrics(archive) if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def _files(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_fresh_start_leaves_every_file_of_the_earlier_run_byte_identical(tiny_corpus, tmp_path):
+    """checkpoint.resume=false where the new run saves the same step names (2, 4) as the old one
+    (2, 4, 6): nothing of the old run is replaced or pruned; it is set aside, byte for byte."""
+    run_dir = tmp_path / "run"
+    overrides = tiny_run_overrides(tiny_corpus, run_dir, steps=6) + ["checkpoint.interval=2", "checkpoint.keep=3"]
+    assert run_pretrain(overrides).returncode == 0
+    assert _checkpoints(run_dir) == ["iter_0000002", "iter_0000004", "iter_0000006"]
+    before = {name: data for name, data in _files(run_dir).items() if name != ".lock"}
+    fresh = run_pretrain(tiny_run_overrides(tiny_corpus, run_dir, steps=4) + [
+        "checkpoint.interval=2", "checkpoint.keep=1", "checkpoint.resume=false", "train.seed=7"])
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    archive = next((run_dir / "archive").iterdir())
+    assert _files(archive) == before
+    assert _checkpoints(run_dir) == ["iter_0000004"] and _steps(run_dir) == [1, 2, 3, 4]  # the new run trained
+    # The run's output ends with what it did and where its files are.
+    train = [r for r in read_metrics(run_dir) if r["split"] == "train"]
+    done, where = fresh.stdout.rstrip("\n").split("\n")[-2:]
+    assert done.startswith("done: steps 0 -> 4 in ") and f"train loss {train[0]['loss']:.4g} -> {train[-1]['loss']:.4g}" in done
+    assert where == (f"checkpoints {run_dir} (latest iter_0000004); metrics {run_dir / 'metrics.jsonl'}; "
+                     f"log {run_dir / 'run.log'}")
+
+
+def test_a_save_never_removes_a_checkpoint_it_did_not_write(tiny_corpus, saved_at_2_and_4, tmp_path):
+    """Resuming step 2 while a step-4 checkpoint of another timeline exists: the new step 4 is
+    published, the old one is kept in the archive."""
+    run_dir = _copy(saved_at_2_and_4, tmp_path)
+    old = _files(run_dir / "iter_0000004")
+    (run_dir / "latest").write_text("iter_0000002")
+    out = run_pretrain(tiny_run_overrides(tiny_corpus, run_dir, steps=4) + ["checkpoint.interval=2", "train.lr=1e-3"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "iter_0000004 of an earlier timeline is kept in" in out.stdout
+    archived = [p for p in (run_dir / "archive").rglob("iter_0000004")]
+    assert len(archived) == 1 and _files(archived[0]) == old
+    assert (run_dir / "iter_0000004" / "thann.json").exists() and _files(run_dir / "iter_0000004") != old
 
 
 # -- 2. one run per directory --------------------------------------------------------------------
@@ -213,6 +254,8 @@ def test_resume_refuses_what_it_cannot_continue(tiny_corpus, saved_at_2_and_4, t
     ("train.stepz=3", "invalid config: train.stepz: no such field (did you mean train.steps?)"),
     ("+train.stepz=3", "invalid config: train.stepz: no such field (did you mean train.steps?)"),
     ("model=thann_huge", "invalid config: model=thann_huge: no such option (available:"),
+    ("~train.steps", "invalid config: ~train.steps: keys cannot be deleted"),
+    ("train.steps", "invalid config: train.steps: expected key=value"),
 ])
 def test_usage_errors_are_one_line_with_exit_2(tiny_corpus, tmp_path, override, message):
     out = run_pretrain(tiny_run_overrides(tiny_corpus, tmp_path / "run") + [override], timeout=120)
@@ -267,10 +310,15 @@ plain.dump = dump_until_full
 def test_a_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(tiny_corpus, tmp_path, patch, cause):
     run_dir = tmp_path / "run"
     overrides = tiny_run_overrides(tiny_corpus, run_dir, steps=4) + ["checkpoint.interval=2"]
-    out = run_patched(patch, overrides, tmp_path)
+    out = run_patched(patch, overrides + ["logging.progress=true"], tmp_path)
     assert out.returncode == EXIT_FAILED, out.stderr[-3000:]
-    last = out.stderr.strip().splitlines()[-1]
-    assert cause in last and "the run resumes from iter_0000002" in last and "Traceback" not in out.stderr
+    # A line of its own (not appended to the progress bar's, which tqdm redraws after "\r"), the
+    # last one, short; the full detail is in the run's log.
+    last = out.stderr.rstrip("\n").split("\n")[-1]
+    assert last.startswith(("not enough free space", "could not save step 4")), last
+    assert cause in last and "the run resumes from iter_0000002" in last and len(last) < 200, last
+    assert "Traceback" not in out.stderr
+    assert f"failed: {last}" in (run_dir / "run.log").read_text()
     assert _checkpoints(run_dir) == ["iter_0000002"] and (run_dir / "latest").read_text() == "iter_0000002"
     resumed = run_pretrain(overrides)
     assert resumed.returncode == 0 and "at step 2" in resumed.stdout
@@ -298,3 +346,60 @@ def test_non_finite_weights_stop_with_exit_3_and_no_checkpoint(tiny_corpus, tmp_
     assert out.returncode == EXIT_NONFINITE, out.stderr[-3000:]
     assert "refusing to save step 2: the model has NaN/inf weights" in out.stderr
     assert _checkpoints(tmp_path / "run") == []
+
+
+NAN_WEIGHTS_FROM_STEP_2 = """
+import torch
+from thann.training import trainer as trainer_module
+
+optimizer_step = trainer_module.Trainer.optimizer_step
+
+def poisoned_optimizer_step(self, skip=False):
+    grad_norm = optimizer_step(self, skip)
+    if self.step == 1:  # every later step has a NaN loss and gradient
+        with torch.no_grad():
+            next(self.model[0].parameters()).view(-1)[0] = float("nan")
+    return grad_norm
+
+trainer_module.Trainer.optimizer_step = poisoned_optimizer_step
+"""
+
+
+def test_a_diverging_run_writes_strict_json_metrics(tiny_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    out = run_patched(NAN_WEIGHTS_FROM_STEP_2, tiny_run_overrides(tiny_corpus, run_dir, steps=3) + [
+        "train.on_nonfinite_loss=skip", "checkpoint.save=false"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=refuse) for line in lines]
+    diverged = [r for r in records if r["split"] == "train" and r["step"] >= 2]
+    assert diverged and all(r["loss"] is None and "loss" in r["nonfinite"] and r["skipped"] for r in diverged)
+    assert all("nonfinite" not in r for r in records if r["split"] == "train" and r["step"] == 1)
+
+
+def test_an_interrupted_save_is_removed_at_the_next_start_which_says_so(tiny_corpus, saved_at_2_and_4, tmp_path):
+    run_dir = _copy(saved_at_2_and_4, tmp_path)
+    leftover = run_dir / "iter_0000006.tmp"
+    shutil.copytree(run_dir / "iter_0000004", leftover)
+    (leftover / "thann.json").unlink()  # as a save killed before publishing leaves it
+    out = run_pretrain(tiny_run_overrides(tiny_corpus, run_dir, steps=6) + ["checkpoint.interval=2"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "removed iter_0000006.tmp: a save that never completed" in out.stdout
+    assert not leftover.exists() and _checkpoints(run_dir) == ["iter_0000004", "iter_0000006"]
+
+
+def test_a_second_ctrl_c_aborts_with_one_line(tiny_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_pretrain(tiny_run_overrides(tiny_corpus, run_dir, steps=300) + ["checkpoint.interval=0"])
+    wait_for_step(run_dir, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == EXIT_ABORTED, output[-3000:]
+    assert output.rstrip("\n").split("\n")[-1].startswith("aborted by a second Ctrl-C, without saving")
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output

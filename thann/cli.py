@@ -9,18 +9,23 @@ way forward, printed once.
 
 import difflib
 import importlib
+import json
 import logging
 import os
+import re
 import sys
+from dataclasses import dataclass
 
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2  # invalid config or usage, reported before anything was built
 EXIT_NONFINITE = 3  # loss or weights became NaN/inf; no checkpoint written for it
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1/SIGINT after saving; start again to resume
+EXIT_ABORTED = 130  # 128 + SIGINT: a second Ctrl-C aborted without saving
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -44,16 +49,42 @@ def _unknown_key(key: str, known: list[str]) -> UsageError:
     return UsageError(f"invalid config: {key}: no such field{hint}")
 
 
+def _verbatim(override: str) -> str:
+    """``key=value`` with the value quoted where Hydra's grammar would reject or change it
+    (non-ASCII characters, leading or trailing spaces, quotes, commas that would make a sweep), so
+    that it arrives as the user typed it: ``prompt=Привет``, ``prompt="  hi"`` (the shell removes
+    the double quotes) and ``prompt="Hello, world"`` work unquoted. Values the user quoted for
+    Hydra, lists and dicts are left to Hydra."""
+    key, sep, value = override.partition("=")
+    if not sep or not value or value[0] in "'\"[{":
+        return override
+    if value.isascii() and value == value.strip():
+        try:
+            if not OverridesParser.create().parse_override(override).is_sweep_override():
+                return override
+        except HydraException:
+            pass
+    # Inside Hydra's quotes a backslash escapes a quote: double those before a quote or the end.
+    escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'")
+    return f"{key}='{escaped}'"
+
+
 def load_config(config_name: str, overrides: list[str]) -> DictConfig:
     """The composed config; an unknown key or option is a UsageError naming it. THANN's configs
-    are complete, so Hydra's ``+key=value`` (add a key) is refused too: it would let a typo pass."""
+    are complete, so Hydra's ``+key=value`` (add a key) and ``~key`` (delete it) are refused: one
+    would let a typo pass, the other leave a field the code reads undefined."""
+    overrides = [_verbatim(o) for o in overrides]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         base = compose(config_name=config_name)
         for override in overrides:
-            if override.startswith("+"):
-                key = override.lstrip("+").split("=", 1)[0]
-                if OmegaConf.select(base, key, default=None) is None:
-                    raise _unknown_key(key, _keys(base))
+            key = override.lstrip("+~").split("=", 1)[0]
+            if override.startswith("~"):
+                raise UsageError(f"invalid config: {override}: keys cannot be deleted (every field is read); "
+                                 f"set it instead, e.g. {key}=<value>")
+            if "=" not in override:
+                raise UsageError(f"invalid config: {override}: expected key=value (or group=option)")
+            if override.startswith("+") and OmegaConf.select(base, key, default=None) is None:
+                raise _unknown_key(key, _keys(base))
         try:
             return compose(config_name=config_name, overrides=overrides)
         except HydraException as e:
@@ -63,12 +94,72 @@ def load_config(config_name: str, overrides: list[str]) -> DictConfig:
                 raise _unknown_key(key, _keys(base)) from None
             if "Could not find '" in text:
                 group, _, option = text.split("Could not find '", 1)[1].split("'", 1)[0].rpartition("/")
-                available = sorted(n.removesuffix(".yaml") for n in os.listdir(os.path.join(CONFIG_DIR, group))
-                                   if n.endswith(".yaml")) if os.path.isdir(os.path.join(CONFIG_DIR, group)) else []
                 raise UsageError(f"invalid config: {group}={option}: no such option (available: "
-                                 f"{', '.join(available)})") from None
+                                 f"{', '.join(_options(group))})") from None
             first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+            if "LexerNoViableAlt" in first or "no viable alternative" in first:
+                first += " (quote a value holding special characters: 'key=\"value\"')"
             raise UsageError(f"invalid config: {first}") from None
+        except Exception as e:  # omegaconf's errors about an override Hydra accepted
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"invalid config: {first}") from None
+
+
+def _options(group: str) -> list[str]:
+    directory = os.path.join(CONFIG_DIR, group)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(n.removesuffix(".yaml") for n in os.listdir(directory) if n.endswith(".yaml"))
+
+
+EXIT_CODES = """exit codes:
+  0   done
+  1   a fault that is not the config's (disk full, unreadable checkpoint): the message says how to go on
+  2   invalid config or usage, reported before anything was built or written
+  3   the loss or the weights became NaN/inf (training); no checkpoint of them is written
+  75  stopped by SIGTERM, SIGUSR1 or Ctrl-C after saving (training): start again to resume
+  130 aborted by a second Ctrl-C, without saving"""
+
+
+def help_text(program: str, config_name: str, summary: str, keys: tuple[str, ...], examples: tuple[str, ...]) -> str:
+    """``--help`` of a Hydra entry point: its config groups and their options, its most used keys
+    with their defaults, the exit codes and examples."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name=config_name)
+        groups = [g for g in cfg if _options(g)]
+        lines = [f"usage: {program} [group=option ...] [key=value ...]", "", summary, "",
+                 f"config groups (configs/<group>/<option>.yaml; composed by configs/{config_name}.yaml):"]
+        choices = _defaults(config_name)
+        for group in groups:
+            lines.append(f"  {group:11s} {', '.join(_options(group))}   (default: {choices.get(group, '?')})")
+        lines += ["", "most used keys (default):"]
+        for key in keys:
+            value = OmegaConf.select(cfg, key, throw_on_missing=False)
+            if isinstance(value, (DictConfig, ListConfig)):
+                value = OmegaConf.to_container(value)
+            lines.append(f"  {key}={value if isinstance(value, str) else json.dumps(value)}")
+    lines += ["", "Any key can be set with key=value; an unknown key is an error naming it.", "",
+              EXIT_CODES, "", "examples:", *(f"  {e}" for e in examples)]
+    return "\n".join(lines)
+
+
+def _defaults(config_name: str) -> dict[str, str]:
+    """The group options a top-level config chooses (its defaults list)."""
+    top = OmegaConf.load(os.path.join(CONFIG_DIR, f"{config_name}.yaml"))
+    chosen = {}
+    for entry in top.get("defaults", []):
+        if isinstance(entry, DictConfig):
+            for group, option in entry.items():
+                if not str(group).startswith("override"):
+                    chosen[str(group)] = str(option)
+    return chosen
+
+
+def exit_if_help(argv: list[str], program: str, config_name: str, summary: str, keys: tuple[str, ...],
+                 examples: tuple[str, ...]) -> None:
+    if "--help" in argv or "-h" in argv:
+        print(help_text(program, config_name, summary, keys, examples))
+        sys.exit(0)
 
 
 def _is_rank_zero() -> bool:
@@ -92,9 +183,49 @@ def exit_on_bad_input(prepare):
     sys.exit(code)
 
 
-def run_task(task: str, config_name: str, argv: list[str] | None = None) -> None:
-    """Runs the task class named ``task`` ("module:Class") on the training loop with
-    ``configs/<config_name>.yaml``; exits with the codes above."""
+_TRAINING_KEYS = ("train.steps", "train.global_batch_size", "train.micro_batch_size", "train.lr", "train.seed",
+                  "parallel.tp", "parallel.pp", "parallel.ep", "parallel.sp", "parallel.distributed_optimizer",
+                  "checkpoint.dir", "checkpoint.interval", "checkpoint.keep", "checkpoint.resume",
+                  "logging.wandb.enabled")
+
+
+@dataclass(frozen=True)
+class EntryPoint:
+    """A training entry point: its task, its top-level config and what ``--help`` says."""
+
+    task: str  # "module:Class"
+    config_name: str
+    program: str
+    summary: str
+    keys: tuple[str, ...]
+    examples: tuple[str, ...]
+
+    def help(self) -> str:
+        return help_text(self.program, self.config_name, self.summary, self.keys, self.examples)
+
+
+PRETRAIN = EntryPoint(
+    "thann.tasks.lm_pretrain:PretrainTask", "config", "pretrain_thann.py (thann-pretrain)",
+    "Pretrains a language model (model.arch: thann, nnn or gpt) on next-token prediction; resumes the newest "
+    "checkpoint in checkpoint.dir.",
+    ("train.seq_length", *_TRAINING_KEYS, "data.paths", "train.sample.prompt"),
+    (".venv/bin/python pretrain_thann.py train.steps=50 train.lr=1e-3",
+     ".venv/bin/torchrun --nproc-per-node 2 pretrain_thann.py parallel.tp=2 parallel.sp=true"))
+CONTRASTIVE = EntryPoint(
+    "thann.tasks.contrastive:ContrastiveTask", "contrastive", "pretrain_contrastive.py (thann-contrastive)",
+    "Trains THANN as an embedding model with InfoNCE over the whole global batch (GradCache).",
+    ("init_from", "train.seq_length", *_TRAINING_KEYS, "contrastive.pooling", "contrastive.temperature",
+     "contrastive.hard_negatives"),
+    (".venv/bin/python pretrain_contrastive.py init_from=checkpoints/thann_tiny",))
+CLASSIFY = EntryPoint(
+    "thann.tasks.classify:ClassifyTask", "classify", "train_classifier.py (thann-classify)",
+    "Trains ChaosNet (or its matched MLP) on MNIST, Fashion-MNIST or 20 Newsgroups.",
+    ("classify.tasks", "classify.sequential", *_TRAINING_KEYS),
+    (".venv/bin/python train_classifier.py model=chaosnet_mlp classify.tasks=[newsgroups20]",))
+
+
+def run_task(entry: EntryPoint, argv: list[str] | None = None) -> None:
+    """Runs ``entry``'s task on the training loop; exits with the codes of EXIT_CODES."""
     # Installed before anything heavy is imported, so that a signal during start-up is a clean
     # stop (exit 75), not a traceback.
     from thann.training.signals import StopRequest
@@ -102,16 +233,24 @@ def run_task(task: str, config_name: str, argv: list[str] | None = None) -> None
     stop_request = StopRequest()
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
-        print(f"usage: {os.path.basename(sys.argv[0])} [key=value ...]   (configs/{config_name}.yaml; README)")
+        print(entry.help())
         sys.exit(0)
-    cfg = exit_on_bad_input(lambda: load_config(config_name, argv))
-    # megatron-core logs every parameter name and config field at INFO.
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    module, _, name = task.partition(":")
-    sys.exit(_train(getattr(importlib.import_module(module), name), cfg, stop_request))
+    try:
+        cfg = exit_on_bad_input(lambda: load_config(entry.config_name, argv))
+        # megatron-core logs every parameter name and config field at INFO.
+        logging.getLogger("megatron").setLevel(logging.WARNING)
+        module, _, name = entry.task.partition(":")
+        code = _train(getattr(importlib.import_module(module), name), cfg, stop_request)
+    except KeyboardInterrupt:
+        print("aborted by a second Ctrl-C, without saving: the next start resumes from the last checkpoint",
+              file=sys.stderr)
+        code = EXIT_ABORTED
+    sys.exit(code)
 
 
 def _train(task_class, cfg: DictConfig, stop_request) -> int:
+    """Runs the training loop; an expected failure ends the run's output (progress bar and wandb
+    closed first) with one line on stderr, its detail in the run's log."""
     from thann.checkpoint.checkpointer import CheckpointError
     from thann.checkpoint.lock import DirectoryInUse
     from thann.checkpoint.zarr_store import PickledCheckpoint
@@ -131,32 +270,35 @@ def _train(task_class, cfg: DictConfig, stop_request) -> int:
         if _is_rank_zero():
             print(e, file=sys.stderr)
         return EXIT_FAILED
+    failure, detail, every_rank = None, None, False
     try:
         trainer.fit()
         code = EXIT_STOPPED if trainer.stopped_by_signal else 0
     except (NonFiniteLoss, NonFiniteWeights) as e:  # agreed by every rank
-        print(f"[rank {rank}] stopped: {e}", file=sys.stderr)
-        code = EXIT_NONFINITE
+        failure, every_rank, code = f"[rank {rank}] stopped: {e}", True, EXIT_NONFINITE
     except CheckpointError as e:  # agreed by every rank
-        if _is_rank_zero():
-            print(e, file=sys.stderr)
-        code = EXIT_FAILED
+        failure, detail, code = str(e), e.detail, EXIT_FAILED
+    except KeyboardInterrupt:
+        trainer.close("aborted by a second Ctrl-C")
+        raise
     except BaseException:
         # Other ranks may be waiting in a collective: free the directory, leave the process group
         # to torchrun (which stops the job when a rank dies).
         trainer.checkpointer.release()
         raise
-    trainer.close()
+    trainer.close(failure, detail)
+    if failure and (every_rank or _is_rank_zero()):
+        print(failure, file=sys.stderr, flush=True)
     return code
 
 
 def pretrain() -> None:
-    run_task("thann.tasks.lm_pretrain:PretrainTask", "config")
+    run_task(PRETRAIN)
 
 
 def contrastive() -> None:
-    run_task("thann.tasks.contrastive:ContrastiveTask", "contrastive")
+    run_task(CONTRASTIVE)
 
 
 def classify() -> None:
-    run_task("thann.tasks.classify:ClassifyTask", "classify")
+    run_task(CLASSIFY)

@@ -60,7 +60,8 @@ def check_train(train: DictConfig, dp: int) -> None:
             f"must be a multiple of micro_batch_size * data-parallel size = {per_step}")
 
 
-def _nearest_existing(path: str) -> str:
+def nearest_existing(path: str) -> str:
+    """``path`` or its closest ancestor that exists."""
     while path and not os.path.exists(path):
         parent = os.path.dirname(path)
         if parent == path:
@@ -79,7 +80,7 @@ def check_checkpoint(checkpoint: DictConfig) -> None:
     path = str(checkpoint.dir)
     require(not os.path.exists(path) or os.path.isdir(path), "checkpoint.dir", path,
             "exists and is not a directory")
-    existing = _nearest_existing(os.path.abspath(path))
+    existing = nearest_existing(os.path.abspath(path))
     require(os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK), "checkpoint.dir", path,
             f"cannot be written ({existing} is {'read-only' if os.path.isdir(existing) else 'not a directory'})")
     if not os.path.exists(path):

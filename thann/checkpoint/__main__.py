@@ -31,6 +31,8 @@ from thann.checkpoint.zarr_store import (
     read_manifest,
     verify,
 )
+from thann.config import ConfigError
+from thann.outputs import atomic_write, check_output
 
 EXIT_DAMAGED, EXIT_USAGE = 1, 2
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -92,20 +94,13 @@ def inspect(path: str) -> int:
     return 0
 
 
-def _refuse_to_overwrite(out: str, source: str, force: bool) -> None:
-    out_abs, run = os.path.abspath(out), os.path.dirname(os.path.abspath(source))
-    if os.path.commonpath([out_abs, run]) == run:
-        raise ToolError(f"{out}: inside the run directory {run}; write the export elsewhere")
-    if os.path.exists(out) and not force:
-        raise ToolError(f"{out} exists; pass --force to overwrite it")
-
-
 def export(path: str, out: str, force: bool) -> None:
     from safetensors.torch import save_file
 
     metadata = read_metadata(path)
     _zarr_only(path, metadata)
-    _refuse_to_overwrite(out, path, force)
+    check_output(out, force=force, inputs={"the run directory": os.path.dirname(os.path.abspath(path))},
+                 field="out", force_flag="--force")
     verify(path)
     optimizer_prefixes = ("optimizer.", "chained_")
     weights = {}
@@ -114,9 +109,9 @@ def export(path: str, out: str, force: bool) -> None:
             continue
         array = ts.open(_array_spec(path, key)).result()
         weights[key] = _to_torch(array.read().result(), _TORCH_DTYPES[array.dtype.name]).contiguous()
-    save_file(weights, out + ".tmp", metadata={"step": str(metadata["step"]),
-                                                "tokenizer": json.dumps(metadata["tokenizer"])})
-    os.replace(out + ".tmp", out)
+    with atomic_write(out) as temporary:
+        save_file(weights, temporary, metadata={"step": str(metadata["step"]),
+                                                 "tokenizer": json.dumps(metadata["tokenizer"])})
     print(f"wrote {out}: {len(weights)} tensors, {sum(t.numel() for t in weights.values()):,} parameters")
 
 
@@ -192,7 +187,7 @@ def main(argv=None) -> None:
             export(path, args.out, args.force)
     except CorruptCheckpoint as e:
         sys.exit(f"{args.command}: {e}")
-    except (PickledCheckpoint, ToolError) as e:
+    except (ConfigError, PickledCheckpoint, ToolError) as e:
         print(f"{args.command}: {e}", file=sys.stderr)
         sys.exit(getattr(e, "code", EXIT_USAGE))
 

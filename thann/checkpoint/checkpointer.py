@@ -6,11 +6,18 @@ streams of every rank and a description of the run.
                      thann.json                  step, run id, layout, config, tokenizer, versions, time
                      rng/rank_00000.json         each rank's RNG streams
     <checkpoint.dir>/latest                      name of the newest complete checkpoint
+    <checkpoint.dir>/archive/<time>/             an earlier run's files, set aside, never removed
 
 A checkpoint is written under ``iter_*.tmp`` and renamed, and ``latest`` replaced, only after
-every rank has finished: a crash mid-save leaves the previous checkpoint as ``latest``. Resuming
-does not trust ``latest`` alone: when it is missing or names a missing or damaged checkpoint,
-the newest complete checkpoint that verifies is used, and the run says which and why.
+every rank has finished: a crash mid-save leaves the previous checkpoint as ``latest`` (and a
+``.tmp`` directory that the next start removes, saying so). Resuming does not trust ``latest``
+alone: when it is missing or names a missing or damaged checkpoint, the newest complete
+checkpoint that verifies is used, and the run says which and why.
+
+Nothing a run did not create is ever removed: a fresh start (``checkpoint.resume=false``, or
+nothing to resume) moves an earlier run's checkpoints, ``latest`` and logs into ``archive/``,
+and a save whose directory name is taken by a checkpoint of an abandoned timeline moves that one
+there too. Pruning (``checkpoint.keep``) removes only checkpoints of this run.
 """
 
 import json
@@ -41,8 +48,36 @@ METADATA = "thann.json"
 _FREE_SPACE_MARGIN = 1.05
 
 
+ARCHIVE = "archive"
+
+
 class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or resumed; the message says why and what to do."""
+    """A checkpoint cannot be written or resumed; the message says why and what to do, ``detail``
+    (for the run's log) what the layers below reported."""
+
+    def __init__(self, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail
+
+
+def set_aside(root: str, names: list[str]) -> str:
+    """Moves ``names`` (entries of ``root``) into a new ``root/archive/<time>/``; returns it."""
+    base = os.path.join(root, ARCHIVE, time.strftime("%Y%m%d-%H%M%S"))
+    target, n = base, 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{base}-{n}"
+    os.makedirs(target)
+    for name in names:
+        os.replace(os.path.join(root, name), os.path.join(target, name))
+    return target
+
+
+def interrupted_saves(root: str) -> list[str]:
+    """``iter_*.tmp`` directories: saves that never completed (a killed or aborted run)."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(n for n in os.listdir(root) if n.startswith("iter_") and n.endswith(".tmp"))
 
 
 def iteration_dir(root: str, step: int) -> str:
@@ -166,6 +201,29 @@ class Checkpointer:
     def release(self) -> None:
         self._lock.release()
 
+    def tidy(self) -> None:
+        """Collective, at start-up: removes the ``.tmp`` directories of saves that never completed
+        (a run killed or aborted mid-save), saying so."""
+        if dist.get_rank() == 0:
+            for name in interrupted_saves(self.cfg.dir):
+                shutil.rmtree(os.path.join(self.cfg.dir, name), ignore_errors=True)
+                self.message(f"removed {name}: a save that never completed (the run that wrote it was stopped)")
+        dist.barrier()
+
+    def start_fresh(self, run_files: list[str], reason: str) -> None:
+        """Collective: moves an earlier run's checkpoints, ``latest`` and ``run_files`` (its
+        metrics, logs) into ``archive/`` so that a run starting from scratch cannot overwrite or
+        prune them; says where."""
+        if dist.get_rank() == 0:
+            names = sorted(n for n in os.listdir(self.cfg.dir) if n.startswith("iter_") and not n.endswith(".tmp"))
+            checkpoints = len(names)
+            names += [n for n in (LATEST, *run_files) if os.path.exists(os.path.join(self.cfg.dir, n))]
+            if names:
+                kept = set_aside(self.cfg.dir, names)
+                what = f"{checkpoints} checkpoint(s) and logs" if checkpoints else "logs"
+                self.message(f"{reason}: starting from scratch; the earlier run's {what} are kept in {kept}")
+        dist.barrier()
+
     # -- save -----------------------------------------------------------------------------------
 
     def _check_free_space(self, states: dict, step: int, resume_hint: str) -> None:
@@ -178,9 +236,9 @@ class Checkpointer:
         free = shutil.disk_usage(self.cfg.dir).free
         if free < needed:
             raise CheckpointError(
-                f"not enough free space in {self.cfg.dir} to save step {step}: it needs about "
-                f"{needed / 2**30:.2f} GiB and {free / 2**30:.2f} GiB are free; free some space (or lower "
-                f"checkpoint.keep) and start again{resume_hint}")
+                f"not enough free space in checkpoint.dir to save step {step} (needs {needed / 2**30:.2f} GiB, "
+                f"{free / 2**30:.2f} GiB free); free some or lower checkpoint.keep, and start again{resume_hint}",
+                detail=f"{self.cfg.dir}: {free} bytes free, {needed:.0f} needed")
 
     def save(self, step: int, metadata: dict) -> str:
         """Collective. Writes every part at ``step``; returns the checkpoint's directory."""
@@ -220,8 +278,8 @@ class Checkpointer:
         except zarr_store.CheckpointWriteError as e:
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"could not save step {step} in {self.cfg.dir}: {e}; free space or fix the "
-                                  f"directory and start again{resume_hint}") from None
+            raise CheckpointError(f"could not save step {step}: {e.cause}; free space or fix checkpoint.dir and "
+                                  f"start again{resume_hint}", detail=str(e)) from None
         if rank == 0:
             self._prune(step)
         dist.barrier()
@@ -230,20 +288,18 @@ class Checkpointer:
     def _publish(self, tmp: str, final: str, metadata: dict) -> None:
         with open(os.path.join(tmp, METADATA), "w") as f:
             json.dump(metadata, f, indent=1)
-        shutil.rmtree(final, ignore_errors=True)
+        if os.path.exists(final):  # a checkpoint of a timeline abandoned by resuming an earlier one
+            kept = set_aside(self.cfg.dir, [os.path.basename(final)])
+            self.message(f"{os.path.basename(final)} of an earlier timeline is kept in {kept}")
         os.replace(tmp, final)
         with open(os.path.join(self.cfg.dir, LATEST + ".tmp"), "w") as f:
             f.write(os.path.basename(final))
         os.replace(os.path.join(self.cfg.dir, LATEST + ".tmp"), os.path.join(self.cfg.dir, LATEST))
 
     def _prune(self, step: int) -> None:
-        """Keeps this run's newest ``keep`` checkpoints up to ``step`` and removes leftovers of
-        interrupted saves. Checkpoints of other runs, and of this run beyond ``step`` (left by a
-        timeline that was abandoned when an earlier checkpoint was resumed), are never touched."""
-        names = os.listdir(self.cfg.dir)
-        for name in names:
-            if name.startswith("iter_") and name.endswith(".tmp"):
-                shutil.rmtree(os.path.join(self.cfg.dir, name), ignore_errors=True)
+        """Keeps this run's newest ``keep`` checkpoints up to ``step``. Checkpoints of other runs,
+        and of this run beyond ``step`` (left by a timeline that was abandoned when an earlier
+        checkpoint was resumed), are never touched."""
         ours = [c for c in find_checkpoints(self.cfg.dir) if c.metadata.get("run_id") == self.run_id and c.step <= step]
         ours.sort(key=lambda c: c.step)
         for candidate in ours[: -self.cfg.keep]:

@@ -19,6 +19,7 @@ Arrays are written and read with tensorstore; any zarr v3 client (zarr-python in
 them. A loading rank reads only the slices its own layout needs, so any layout loads any other.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -57,6 +58,17 @@ class CorruptCheckpoint(RuntimeError):
 
 class CheckpointWriteError(RuntimeError):
     """Writing failed on some rank (disk full, permissions); raised on every rank."""
+
+    @property
+    def cause(self) -> str:
+        """The operating system's reason alone (tensorstore's messages run to a thousand
+        characters of chunk keys and source locations)."""
+        detail = str(self)
+        for code in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO, errno.ENOENT):
+            if os.strerror(code) in detail:
+                return os.strerror(code)
+        first = detail.splitlines()[0] if detail else "unknown error"
+        return first if len(first) <= 100 else first[:97] + "..."
 
 
 def agree(error: str) -> None:

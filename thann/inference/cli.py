@@ -1,8 +1,9 @@
 """``thann-generate`` / ``generate_thann.py``: generate with a trained checkpoint in any layout
 (configs/generate.yaml). Prompts come from ``prompt=`` or a JSON-lines ``prompts_file=``;
 results go to ``output=`` as JSON lines, or to the terminal (a single prompt streams its tokens
-as they are produced). Everything that can be wrong with the input is checked before the model
-is built, and reported in one line with exit code 2; nothing is written then."""
+as they are produced). Everything that can be wrong with the input or the output (thann.outputs)
+is checked before the model is built, and reported in one line with exit code 2; nothing is
+written then."""
 
 import json
 import logging
@@ -13,13 +14,14 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from thann.cli import exit_on_bad_input, load_config
+from thann.cli import exit_if_help, exit_on_bad_input, load_config
 from thann.config import ConfigError, check_parallel, require
 from thann.data.chat import encode_prompt
 from thann.data.tokenizer import padded_vocab_size
 from thann.inference.generator import Generation, Generator
 from thann.inference.loading import checkpoint_path, load_weights, saved_config, saved_run, saved_tokenizer
 from thann.inference.sampling import SamplingParams
+from thann.outputs import atomic_write, check_output
 
 
 def _prompts(cfg: DictConfig) -> list[str]:
@@ -78,20 +80,25 @@ def _saved(cfg: DictConfig) -> tuple[str, dict, DictConfig]:
 
 
 def _prepare(cfg: DictConfig):
-    """Every check that needs no model: the checkpoint, its tokenizer, the prompts, sampling."""
+    """Every check that needs no model: the checkpoint, its tokenizer, the prompts, sampling, the output."""
     path, metadata, saved = _saved(cfg)
     tokenizer = saved_tokenizer(metadata, cfg.tokenizer, "tokenizer")
     params = _sampling(cfg)
+    require(isinstance(cfg.batch_size, int) and cfg.batch_size > 0, "batch_size", cfg.batch_size,
+            "must be a positive integer")
     texts = _prompts(cfg)
     template = "chat" if cfg.chat else "{prompt}"
-    prompts = [encode_prompt(tokenizer, text, template) if text else [] for text in texts]
     budget = cfg.max_sequence_length or saved.train.seq_length
     require(budget is not None, "max_sequence_length", None, "give it for a packed export (it records no sequence length)")
-    for i, (text, ids) in enumerate(zip(texts, prompts)):
+    prompts = []
+    for i, text in enumerate(texts):
         where = "prompt" if cfg.prompt is not None else f"prompts_file[{i}]"
-        require(bool(text.strip()), where, text, "is empty")
-        require(len(ids) < budget, where, text[:40] + ("..." if len(text) > 40 else ""),
-                f"is {len(ids)} tokens; max_sequence_length={budget} leaves no room for a new token")
+        require(text != "", where, text, "is empty")  # spaces are text; "" (no token without chat) is a slip
+        prompts.append(encode_prompt(tokenizer, text, template))
+        require(len(prompts[-1]) < budget, where, text[:40] + ("..." if len(text) > 40 else ""),
+                f"is {len(prompts[-1])} tokens; max_sequence_length={budget} leaves no room for a new token")
+    if cfg.output is not None:
+        check_output(str(cfg.output), force=cfg.force, inputs={"prompts_file": cfg.prompts_file, "load": cfg.load})
     return path, saved, tokenizer, params, texts, prompts, budget
 
 
@@ -125,8 +132,19 @@ def _record(index: int, text: str, result: Generation) -> dict:
             "logprobs": result.logprobs, "finish_reason": result.finish_reason}
 
 
+HELP = dict(
+    program="generate_thann.py (thann-generate)", config_name="generate",
+    summary="Generates with a trained checkpoint (the newest of a run directory, or one iter_* directory) in any "
+            "layout, with a KV cache; the model's shape, tokenizer and sequence length come from the checkpoint.",
+    keys=("load", "prompt", "prompts_file", "output", "force", "chat", "max_new_tokens", "temperature", "top_k",
+          "top_p", "seed", "batch_size", "parallel.tp", "parallel.pp", "parallel.ep"),
+    examples=('.venv/bin/python generate_thann.py load=checkpoints/thann_tiny prompt="What is the capital of France?"',
+              ".venv/bin/python generate_thann.py prompts_file=prompts.jsonl output=out.jsonl temperature=0.8"))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    exit_if_help(argv, **HELP)
     rank0 = os.environ.get("RANK", "0") == "0"
     logging.getLogger("megatron").setLevel(logging.WARNING)
 
@@ -134,8 +152,6 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config("generate", argv)
         dp = check_parallel(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")))
         path, saved, tokenizer, params, texts, prompts, budget = _prepare(cfg)
-        if cfg.output is not None:
-            require(not os.path.isdir(cfg.output), "output", cfg.output, "is a directory")
         return cfg, dp, tokenizer, params, texts, prompts, budget, *_build(cfg, saved, tokenizer, path, dp)
 
     cfg, dp, tokenizer, params, texts, prompts, budget, chunks, layout = exit_on_bad_input(prepare)
@@ -173,8 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         if cfg.output is None:
             sys.stdout.write(lines)
         else:
-            with open(cfg.output + ".tmp", "w") as f:
+            with atomic_write(str(cfg.output)) as temporary, open(temporary, "w", encoding="utf-8") as f:
                 f.write(lines)
-            os.replace(cfg.output + ".tmp", cfg.output)
             print(f"wrote {cfg.output}: {len(records)} generations (layout {layout.describe()})")
     state.destroy()

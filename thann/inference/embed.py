@@ -1,8 +1,8 @@
 """``thann-embed``: embeddings of a text file with a contrastively trained checkpoint, in any
 layout (configs/embed.yaml). Input: a text file (one text per line) or JSON lines
 (``{"id": ..., "text": ...}``); output: ``OUTPUT.npy`` (float32 [N, P], L2-normalised rows, in
-input order) and ``OUTPUT.ids.json``. Input problems are one line with exit code 2, before the
-model is built; nothing is written then."""
+input order) and ``OUTPUT.ids.json``. Input and output problems (thann.outputs) are one line with
+exit code 2, before the model is built; nothing is written then."""
 
 import json
 import logging
@@ -14,12 +14,13 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from thann.cli import exit_on_bad_input, load_config
+from thann.cli import exit_if_help, exit_on_bad_input, load_config
 from thann.config import ConfigError, check_parallel, require
 from thann.data.pairs import fit_text
 from thann.data.tokenizer import padded_vocab_size
 from thann.inference.embedding import embed_texts
 from thann.inference.loading import checkpoint_path, load_weights, saved_config, saved_run, saved_tokenizer
+from thann.outputs import atomic_write, check_output
 
 
 def _inputs(path: str) -> tuple[list[str], list[str]]:
@@ -34,7 +35,7 @@ def _inputs(path: str) -> tuple[list[str], list[str]]:
                     record = json.loads(line)
                 except ValueError:
                     raise ConfigError("input", f"{path}:{number}", "not a JSON object") from None
-                require(isinstance(record, dict) and isinstance(record.get("text"), str) and record["text"].strip(),
+                require(isinstance(record, dict) and isinstance(record.get("text"), str) and record["text"] != "",
                         "input", f"{path}:{number}", 'expected {"id": ..., "text": "..."} with a non-empty text')
                 ids.append(str(record.get("id", number)))
                 texts.append(record["text"])
@@ -43,6 +44,10 @@ def _inputs(path: str) -> tuple[list[str], list[str]]:
                 texts.append(line.rstrip("\n"))
     require(bool(texts), "input", path, "holds no text")
     return ids, texts
+
+
+def _outputs(cfg: DictConfig) -> tuple[str, str]:
+    return f"{cfg.output}.npy", f"{cfg.output}.ids.json"
 
 
 def _build(cfg: DictConfig, saved: DictConfig, tokenizer, path: str, dp: int):
@@ -69,10 +74,20 @@ def _build(cfg: DictConfig, saved: DictConfig, tokenizer, path: str, dp: int):
     return [model.eval()], layout
 
 
+HELP = dict(
+    program="thann-embed", config_name="embed",
+    summary="Embeds texts (one per line, or JSON lines {\"id\": ..., \"text\": ...}) with a contrastively trained "
+            "checkpoint; writes OUTPUT.npy (float32, L2-normalised rows) and OUTPUT.ids.json.",
+    keys=("load", "input", "output", "force", "batch_size", "parallel.tp", "parallel.pp"),
+    examples=("thann-embed load=checkpoints/thann_tiny_contrastive input=texts.txt output=embeddings",))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    exit_if_help(argv, **HELP)
     rank0 = os.environ.get("RANK", "0") == "0"
     logging.getLogger("megatron").setLevel(logging.WARNING)
+
     def prepare():
         cfg = load_config("embed", argv)
         dp = check_parallel(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")))
@@ -83,6 +98,9 @@ def main(argv: list[str] | None = None) -> None:
         ids, texts = _inputs(cfg.input)
         require(isinstance(cfg.batch_size, int) and cfg.batch_size > 0, "batch_size", cfg.batch_size,
                 "must be a positive integer")
+        require(cfg.output is not None, "output", None, "give the path prefix of OUTPUT.npy and OUTPUT.ids.json")
+        for output in _outputs(cfg):
+            check_output(output, force=cfg.force, inputs={"input": cfg.input, "load": cfg.load})
         return cfg, dp, saved, tokenizer, ids, texts, *_build(cfg, saved, tokenizer, path, dp)
 
     cfg, dp, saved, tokenizer, ids, texts, chunks, layout = exit_on_bad_input(prepare)
@@ -107,11 +125,13 @@ def main(argv: list[str] | None = None) -> None:
         parts = [mine.cpu()]
     if rank0:
         matrix = torch.cat(parts).numpy().astype(np.float32)
-        np.save(cfg.output + ".npy.tmp.npy", matrix, allow_pickle=False)
-        os.replace(cfg.output + ".npy.tmp.npy", cfg.output + ".npy")
-        with open(cfg.output + ".ids.json", "w") as f:
-            json.dump(ids, f)
-        print(f"wrote {cfg.output}.npy ({matrix.shape[0]} x {matrix.shape[1]}) and {cfg.output}.ids.json "
+        matrix_path, ids_path = _outputs(cfg)
+        with atomic_write(matrix_path) as matrix_temporary, atomic_write(ids_path) as ids_temporary:
+            with open(matrix_temporary, "wb") as f:
+                np.save(f, matrix, allow_pickle=False)
+            with open(ids_temporary, "w", encoding="utf-8") as f:
+                json.dump(ids, f)
+        print(f"wrote {matrix_path} ({matrix.shape[0]} x {matrix.shape[1]}) and {ids_path} "
               f"(layout {layout.describe()})")
     state.destroy()
 

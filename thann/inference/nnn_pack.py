@@ -1,6 +1,8 @@
-"""python -m thann.inference.nnn_pack CHECKPOINT OUT.safetensors: a trained NNN checkpoint (a
-run or iter_* directory, zarr, any layout) -> its packed-ternary export (thann.models.nnn.pack),
-which generate_thann.py loads with ``load=OUT.safetensors``; prints the sizes."""
+"""python -m thann.inference.nnn_pack CHECKPOINT OUT.safetensors [--force]: a trained NNN
+checkpoint (a run or iter_* directory, zarr, any layout) -> its packed-ternary export
+(thann.models.nnn.pack), which generate_thann.py loads with ``load=OUT.safetensors``; prints the
+sizes. A bad checkpoint or OUT (thann.outputs) is one line with exit code 2, before the model is
+loaded."""
 
 import argparse
 import os
@@ -8,11 +10,14 @@ from types import SimpleNamespace
 
 from omegaconf import OmegaConf
 
+from thann.cli import exit_on_bad_input
+from thann.config import require
 from thann.data.tokenizer import padded_vocab_size
 from thann.inference.loading import checkpoint_path, load_weights, saved_config, saved_run, saved_tokenizer
 from thann.models.nnn.bitlinear import BitLinear
 from thann.models.nnn.model import NNNModel, nnn_transformer_config
 from thann.models.nnn.pack import export_packed
+from thann.outputs import atomic_write, check_output
 from thann.parallel import state
 
 
@@ -21,22 +26,27 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("out")
+    parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     args = parser.parse_args(argv)
-    try:
+
+    def prepare():
         path = checkpoint_path(args.checkpoint)
+        check_output(args.out, force=args.force, inputs={"checkpoint": path}, field="out", force_flag="--force")
         metadata = saved_run(path)
         tokenizer = saved_tokenizer(metadata, None, "checkpoint")
-    except ValueError as e:  # ConfigError: one line naming the problem
-        raise SystemExit(str(e)) from None
-    saved = saved_config(metadata)
-    if saved.model.get("arch") != "nnn":
-        raise SystemExit(f"{path}: holds a {saved.model.get('arch', 'thann')} model, not an NNN")
+        saved = saved_config(metadata)
+        arch = saved.model.get("arch", "thann")
+        require(arch == "nnn", "checkpoint", path, f"holds a {arch} model, not an NNN")
+        return path, tokenizer, saved
+
+    path, tokenizer, saved = exit_on_bad_input(prepare)
     single = SimpleNamespace(tp=1, pp=1, ep=1, etp=1, sp=False)
     state.initialize(OmegaConf.create(vars(single)), dp=1, seed=0)
     model = NNNModel(nnn_transformer_config(saved.model, single, bf16=False), saved.model,
                      padded_vocab_size(tokenizer.vocab_size, 1))
     load_weights([model], path)
-    export_packed(model, args.out, tokenizer.identity)
+    with atomic_write(args.out) as temporary:
+        export_packed(model, temporary, tokenizer.identity)
     fp32 = sum(t.numel() * 4 for t in model.state_dict().values())
     bit = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, BitLinear))
     size = os.path.getsize(args.out)

@@ -18,10 +18,10 @@ from megatron.core.transformer.module import Float16Module
 from omegaconf import DictConfig, OmegaConf
 
 from thann import config as config_checks
-from thann.checkpoint.checkpointer import Checkpointer, find_checkpoints
+from thann.checkpoint.checkpointer import Checkpointer, find_checkpoints, latest_checkpoint
 from thann.checkpoint.parts import ModelPart, OptimizerPart, PlainPart, SchedulerPart
 from thann.parallel import state
-from thann.training.metrics import MetricsLogger
+from thann.training.metrics import MetricsLogger, run_files, run_summary
 from thann.training.optimizer import build_optimizer, unshare_adam_steps
 from thann.training.resume import config_changes
 from thann.training.signals import StopRequest
@@ -70,6 +70,7 @@ class Trainer:
         self.layout = state.initialize(cfg.parallel, dp, cfg.train.seed)
         self.is_logging_rank = dist.get_rank() == 0
         self.metrics = None
+        self.summary = None  # what the run did, printed last (fit)
         self.checkpointer = Checkpointer(cfg.checkpoint, message=self.message)
         self.checkpointer.acquire()
         try:
@@ -119,13 +120,11 @@ class Trainer:
         """The checkpoints this run may resume from, newest first, and what its config changes;
         refuses (ConfigError) before anything is built when the model's shape changed."""
         ckpt = self.cfg.checkpoint
+        self.checkpointer.tidy()
         found = find_checkpoints(ckpt.dir)
-        if not ckpt.resume:
-            if found:
-                self.message(f"checkpoint.resume=false: starting from scratch; the {len(found)} checkpoint(s) "
-                             f"already in {ckpt.dir} are kept")
-            return [], []
-        if not found:
+        if not ckpt.resume or not found:
+            self.checkpointer.start_fresh(run_files(self.cfg.logging),
+                                          "checkpoint.resume=false" if found else "nothing to resume")
             return [], []
         newest = found[0]
         if self.cfg.train.steps < newest.step:
@@ -238,13 +237,20 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
 
     def fit(self) -> list[dict]:
+        history = []
+        started = time.perf_counter()
+        self._fit(history)
+        self.summary = run_summary(history, time.perf_counter() - started, self.cfg.checkpoint.dir,
+                                   self.cfg.logging.metrics_file, latest_checkpoint(self.cfg.checkpoint.dir))
+        return history
+
+    def _fit(self, history: list[dict]) -> None:
         cfg = self.cfg.train
         self.message(f"THANN: layout {self.layout.describe()}, {self.num_microbatches} micro-batches/step")
-        history = []
         if self.stop_request.agreed(state.device()):  # a signal while starting: nothing new to save
             self.message(f"stopped by {self.stop_request.signal or 'a signal on another rank'} while starting")
             self.stopped_by_signal = True
-            return history
+            return
         if self.resumed_from is None:
             history.append(self.evaluate())
             self.metrics.log(history[-1])
@@ -270,13 +276,13 @@ class Trainer:
                              f"after step {self.step}; start again to resume")
                 print(f"[rank {dist.get_rank()}] stopped after step {self.step}", file=sys.stderr, flush=True)
                 self.stopped_by_signal = True
-                return history
+                return
         self.task.on_train_end(self.model, self.message)
-        return history
 
-    def close(self) -> None:
-        """Releases what the run holds (metrics files, the directory's lock, process groups)."""
+    def close(self, failure: str | None = None, detail: str | None = None) -> None:
+        """Releases what the run holds (metrics files, the directory's lock, process groups);
+        ``failure``, when the run failed, goes into its log with ``detail``."""
         if self.metrics is not None:
-            self.metrics.close()
+            self.metrics.close(None if failure else self.summary, failure, detail)
         self.checkpointer.release()
         state.destroy()

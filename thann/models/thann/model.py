@@ -74,6 +74,8 @@ class ThannModel(GeneratesWithKVCache, GPTModel):
                 weight, self.vocab_size, self.config.hidden_size, weight.shape[0], 0, self.config.init_method,
                 params_dtype=self.config.params_dtype, rank=parallel_state.get_tensor_model_parallel_rank(),
                 world_size=tp_size,
+                # ColumnParallelLinear marked the weight as split on dim 0 when it first drew it.
+                skip_set_tensor_parallel_attributes=True,
             )
 
     def new_inference_context(self, batch_size: int, max_sequence_length: int) -> ThannInferenceContext:

@@ -1,0 +1,142 @@
+"""python -m thann.summary prints every model config's parameter counts, equal to counts written
+here from the architectures; bad input is one line with exit code 2."""
+
+import glob
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import ROOT
+
+CONFIG_DIR = os.path.join(ROOT, "configs")
+MODELS = sorted(os.path.basename(p).removesuffix(".yaml")
+                for p in glob.glob(os.path.join(CONFIG_DIR, "model", "*.yaml")))
+VOCAB = 100352  # cl100k_base's 100,277 tokens padded for tensor parallelism
+CLASSES = {"mnist": ("image", 10), "fashion_mnist": ("image", 10), "newsgroups20": ("text", 20)}
+
+
+def _summary(*args):
+    return subprocess.run([sys.executable, "-m", "thann.summary", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def _attention(m) -> int:
+    """Query, key, value and output projections, no biases."""
+    h, kv = m.hidden_size, m.num_query_groups * (m.hidden_size // m.num_attention_heads)
+    return h * h + 2 * h * kv + h * h
+
+
+def _embeddings(m) -> int:
+    return VOCAB * m.hidden_size * (1 if m.tie_embeddings else 2)
+
+
+def _thann(m) -> tuple[int, int]:
+    h, widths, expert = m.hidden_size, list(m.tokenization.conv_widths), 3 * m.hidden_size * m.moe_ffn_hidden_size
+    # depthwise convolutions, their mix, a norm and an attention
+    tokenization = sum(widths) * h + len(widths) * h * h + h + _attention(m)
+    layer = h + _attention(m) + h + m.num_experts * h + m.num_experts * expert  # norms, router, SwiGLU experts
+    total = _embeddings(m) + tokenization + m.num_layers * layer + h
+    return total, total - m.num_layers * (m.num_experts - m.moe_router_topk) * expert
+
+
+def _gpt(m) -> tuple[int, int]:
+    h = m.hidden_size
+    total = _embeddings(m) + m.num_layers * (2 * h + _attention(m) + 3 * h * m.ffn_hidden_size) + h
+    return total, total
+
+
+def _nnn(m) -> tuple[int, int]:
+    assert not m.cross_node_attention
+    d = m.hidden_size
+    inner = m.intermediate_size or 256 * math.ceil(8 * d // 3 / 256)
+
+    def bitlinear(fan_in, fan_out):  # a ternary weight and the RMSNorm of its input
+        return fan_in * fan_out + fan_in
+
+    token_mixer = 4 * bitlinear(d, d) + d
+    channel_mixer = bitlinear(d, 2 * inner) + bitlinear(inner, d)
+    node = d + token_mixer + d + channel_mixer + d  # two norms and a global weight
+    total = 2 * VOCAB * d + m.num_nodes * (node + d) + d  # + a lower bound per node, the final norm
+    return total, total
+
+
+def _chaosnet_parts(m):
+    """(front-ends, classes over all heads) for the default tasks of configs/classify.yaml."""
+    tasks = OmegaConf.load(os.path.join(CONFIG_DIR, "classify.yaml")).classify.tasks
+    frontends = 0
+    if any(CLASSES[t][0] == "image" for t in tasks):
+        channels, size = m.image.channels, m.image.size
+        for out in m.image.conv_channels:
+            frontends += out * channels * 9 + out
+            channels, size = out, size // 2
+        frontends += channels * size * size * m.input_width + m.input_width
+    if any(CLASSES[t][0] == "text" for t in tasks):
+        frontends += (m.text.vocab_size + 1) * m.input_width  # a padding row
+    return frontends, sum(CLASSES[t][1] for t in tasks)
+
+
+def _chaosnet(m) -> tuple[int, None]:
+    frontends, classes = _chaosnet_parts(m)
+    n, i = m.neurons, m.input_width
+    return frontends + n * i + n + n * n + (n + 1) * classes, None
+
+
+def _mlp_baseline(m) -> tuple[int, None]:
+    frontends, classes = _chaosnet_parts(m)
+
+    def mlp(width):
+        return frontends + width * (m.input_width + 1) + (width + 1) * classes
+
+    chaosnet, _ = _chaosnet(m)
+    width = m.hidden_width or min(range(1, 100_000), key=lambda w: abs(mlp(w) - chaosnet))
+    return mlp(width), None
+
+
+COUNTS = {"thann": _thann, "gpt": _gpt, "nnn": _nnn, "chaosnet": _chaosnet, "mlp_baseline": _mlp_baseline}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_summary_prints_the_counts_of_every_model_config(name):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        model_cfg = compose(config_name="config", overrides=[f"model={name}"]).model
+    total, active = COUNTS[model_cfg.arch](model_cfg)
+    out = _summary(f"model={name}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(re.search(r"total_params=(\d+)", out.stdout).group(1)) == total
+    printed_active = re.search(r"active_params=(\d+)", out.stdout)
+    if active is None:
+        assert printed_active is None and "classify.tasks=['mnist']" in out.stdout
+    else:
+        assert int(printed_active.group(1)) == active
+
+
+def test_an_untied_thann_counts_its_head():
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        model_cfg = compose(config_name="config", overrides=["model.tie_embeddings=false"]).model
+    out = _summary("model.tie_embeddings=false")
+    assert out.returncode == 0, out.stderr[-3000:]
+    total, active = _thann(model_cfg)
+    assert f"total_params={total} active_params={active}" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model=thann_9b"], "invalid config: model=thann_9b: no such option (available: chaosnet,"),
+    (["model.hiden_size=64"], "invalid config: model.hiden_size: no such field (did you mean model.hidden_size?)"),
+    (["model=gpt_tiny", "model.num_attention_heads=3"], "invalid config: model.num_attention_heads=3: must divide"),
+])
+def test_bad_input_is_one_line_with_exit_2(args, message):
+    out = _summary(*args)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.startswith(message) and out.stderr.count("\n") == 1, out.stderr[-3000:]
+
+
+def test_help_lists_the_model_configs():
+    out = _summary("--help")
+    assert out.returncode == 0
+    assert all(name in out.stdout for name in MODELS) and "python -m thann.summary model=" in out.stdout
