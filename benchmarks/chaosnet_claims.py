@@ -2,7 +2,7 @@
 
     python benchmarks/chaosnet_claims.py            # the full measurement (docs/chaosnet.md has its minutes)
     python benchmarks/chaosnet_claims.py --steps 4 --stage-steps 2 --seeds 1 --datasets mnist \\
-        --retention-tasks mnist,fashion_mnist --eval-samples 64 --jobs 1 --out /tmp/claims \\
+        --retention-datasets mnist,fashion_mnist --eval-samples 64 --jobs 1 --out /tmp/claims \\
         --plot /tmp/claims/plot.png                 # a smoke run
 
 For each dataset (MNIST; 20 Newsgroups standing in for AG News), model (ChaosNet stateful,
@@ -12,7 +12,7 @@ for each seed, one run trains the model and measures accuracy at every evaluatio
 (same samples, nested masks). Then sequential runs (20 Newsgroups -> MNIST -> Fashion-MNIST, one
 shared core, a head per task) measure accuracy on every earlier task after each stage.
 
-Every number comes from thann.training.trainer.Trainer running thann.tasks.classify.ClassifyTask
+Every number comes from thann.training.trainer.Trainer running thann.recipes.classify.Classify
 with configs/classify.yaml and command-line style overrides, exactly what train_classifier.py
 runs; ``--jobs`` worker processes each run one world-of-one training after another, with one
 thread each. Output: markdown tables on stdout (and in OUT/chaosnet_claims.md), the raw results
@@ -68,16 +68,16 @@ def _init_worker(threads: int) -> None:
 
 
 def train(overrides: list[str]) -> dict:
-    """One run of the classification task on the trainer; returns its validation records."""
+    """One run of the classification recipe on the trainer; returns its validation records."""
     from thann.cli import load_config
-    from thann.tasks.classify import ClassifyTask
+    from thann.recipes.classify import Classify
     from thann.training.trainer import Trainer
 
     _quiet()
     cfg = load_config("classify", overrides)
     shutil.rmtree(cfg.checkpoint.dir, ignore_errors=True)
     start = time.perf_counter()
-    trainer = Trainer(cfg, ClassifyTask)
+    trainer = Trainer(cfg, Classify)
     try:
         history = trainer.fit()
     finally:
@@ -101,12 +101,12 @@ def parameter_rows(args) -> tuple[list[dict], dict]:
     from thann.cli import load_config
     from thann.models.chaosnet import matched_hidden_width, mlp_num_parameters, num_parameters
     from thann.models.chaosnet.model import frontend_parameters, head_parameters
-    from thann.tasks.classify import model_config
+    from thann.recipes.classify.recipe import model_config
 
     rows, tenth = [], {}
-    for dataset in sorted(set(args.datasets) | set(args.retention_tasks), key=list(NAMES).index):
-        cfg = model_config(load_config("classify", [f"classify.tasks=[{dataset}]", *args.override]))
-        i, c = cfg.input_width, cfg.tasks[dataset].num_classes
+    for dataset in sorted(set(args.datasets) | set(args.retention_datasets), key=list(NAMES).index):
+        cfg = model_config(load_config("classify", [f"classify.datasets=[{dataset}]", *args.override]))
+        i, c = cfg.input_width, cfg.heads[dataset].num_classes
         front, heads = frontend_parameters(cfg), head_parameters(cfg, cfg.neurons)
         rows.append({"dataset": dataset, "model": "ChaosNet (both modes)", "width": f"N={cfg.neurons}",
                      "frontend": front, "core": num_parameters(cfg) - front - heads, "heads": heads,
@@ -127,7 +127,7 @@ def sweep_runs(args, tenth: dict) -> list[dict]:
             for rate in args.train_rates:
                 for seed in args.seeds:
                     name = f"{model}_{dataset}_train{rate:g}_seed{seed}"
-                    overrides = [*MODELS[model][1], f"classify.tasks=[{dataset}]", f"model.train_death_rate={rate}",
+                    overrides = [*MODELS[model][1], f"classify.datasets=[{dataset}]", f"model.train_death_rate={rate}",
                                  f"model.eval_death_rate={rate}", f"train.steps={args.steps}",
                                  f"train.eval_interval={args.steps}",
                                  f"classify.eval_death_rates=[{','.join(str(r) for r in args.eval_rates)}]"]
@@ -140,14 +140,14 @@ def sweep_runs(args, tenth: dict) -> list[dict]:
 
 def retention_runs(args) -> list[dict]:
     runs = []
-    tasks = args.retention_tasks
+    datasets = args.retention_datasets
     for model in args.retention_models:
         for seed in args.seeds:
-            overrides = [*MODELS[model][1], f"classify.tasks=[{','.join(tasks)}]", "classify.sequential=true",
-                         f"train.steps={args.stage_steps * len(tasks)}", f"train.eval_interval={args.stage_steps}",
+            overrides = [*MODELS[model][1], f"classify.datasets=[{','.join(datasets)}]", "classify.sequential=true",
+                         f"train.steps={args.stage_steps * len(datasets)}", f"train.eval_interval={args.stage_steps}",
                          "train.schedule=constant", "classify.eval_death_rates=[]"]
             runs.append({"kind": "retention", "name": f"{model}_sequential_seed{seed}", "model": model, "seed": seed,
-                         "steps": args.stage_steps * len(tasks), "overrides": overrides})
+                         "steps": args.stage_steps * len(datasets), "overrides": overrides})
     return runs
 
 
@@ -247,7 +247,7 @@ def parameter_table(rows: list[dict]) -> str:
 
 
 def retention_table(args, runs: list[dict]) -> str:
-    tasks = args.retention_tasks
+    tasks = args.retention_datasets  # trained one after another (continual learning)
     out = [f"### Sequential training ({' -> '.join(NAMES[t] for t in tasks)}): accuracy (%) on each task "
            f"seen so far after each stage, death rate 0.5 in training and evaluation, {args.stage_steps} steps per "
            f"stage, mean ± std over {len(args.seeds)} seed(s)\n"]
@@ -340,7 +340,7 @@ def main() -> None:
                         help=f"of {list(MODELS)}")
     parser.add_argument("--train-rates", type=_floats, default=[0.0, 0.5])
     parser.add_argument("--eval-rates", type=_floats, default=[0.0, 0.5, 0.9, 0.97, 0.99, 0.999])
-    parser.add_argument("--retention-tasks", type=_names, default=["newsgroups20", "mnist", "fashion_mnist"],
+    parser.add_argument("--retention-datasets", type=_names, default=["newsgroups20", "mnist", "fashion_mnist"],
                         help="sequential stages; empty: no retention runs")
     parser.add_argument("--retention-models", type=_names, default=["stateful", "mlp"])
     parser.add_argument("--eval-samples", type=int, default=2000, help="test samples per task and death rate")
@@ -370,7 +370,7 @@ def main() -> None:
     start = time.perf_counter()
     _quiet()
     parameters, tenth = parameter_rows(args)
-    runs = sweep_runs(args, tenth) + (retention_runs(args) if args.retention_tasks else [])
+    runs = sweep_runs(args, tenth) + (retention_runs(args) if args.retention_datasets else [])
     print(f"{len(runs)} training runs, {args.jobs} at a time", file=sys.stderr, flush=True)
     execute(args, runs)
     minutes = (time.perf_counter() - start) / 60
@@ -385,7 +385,7 @@ def report(args, parameters: list[dict], runs: list[dict], minutes: float, comma
     """Prints the markdown tables (also written to OUT/chaosnet_claims.md) and draws the plot."""
     table = sweep_results(runs)
     text = [sweep_tables(args, table), parameter_table(parameters)]
-    if args.retention_tasks:
+    if args.retention_datasets:
         text.append(retention_table(args, runs))
     text.append(f"{len(runs)} runs in {minutes:.1f} minutes ({args.jobs} worker(s), {args.threads} thread(s) each); "
                 f"command: python benchmarks/chaosnet_claims.py {command}".rstrip())

@@ -25,7 +25,7 @@ def one_run(global_batch: int, micro_batch: int, steps: int, data: str) -> dict:
     from hydra import compose, initialize_config_dir
 
     from thann.cli import CONFIG_DIR
-    from thann.tasks.contrastive import ContrastiveTask
+    from thann.recipes.contrastive import Contrastive
     from thann.training.trainer import Trainer
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -33,8 +33,8 @@ def one_run(global_batch: int, micro_batch: int, steps: int, data: str) -> dict:
             f"train.global_batch_size={global_batch}", f"train.micro_batch_size={micro_batch}", f"data.paths=[{data}]",
             f"checkpoint.dir=/tmp/thann_contrastive_memory_{os.getpid()}", "checkpoint.save=false",
             "checkpoint.resume=false", "logging.wandb.enabled=false", "logging.progress=false"])
-    trainer = Trainer(cfg, ContrastiveTask)
-    batches = trainer.task.train_batches(0)
+    trainer = Trainer(cfg, Contrastive)
+    batches = trainer.recipe.train_batches(0)
     seconds = []
     for _ in range(steps):
         start = time.perf_counter()

@@ -2,7 +2,7 @@
 
     python benchmarks/cpu_accommodations.py [--steps 5] [key=value overrides]
 
-The mode (thann.parallel.cpu_accommodations, item 1) sees every torch function call, so its
+The mode (thann.parallel.megatron_patches, item 1) sees every torch function call, so its
 cost is (calls per step) x (overhead per call). A step cannot run without it (megatron-core's
 schedules allocate on "cuda"), so the two factors are measured separately: the calls of real
 training steps of the default run, counted by a mode that only counts; the overhead of one call
@@ -19,12 +19,12 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from thann.cli import CONFIG_DIR
-from thann.parallel import cpu_accommodations
-from thann.tasks.lm_pretrain import PretrainTask
+from thann.parallel import megatron_patches
+from thann.recipes.pretrain import Pretrain
 from thann.training.trainer import Trainer
 
 
-class CountingRedirect(cpu_accommodations.CudaAllocationsToCpu):
+class CountingRedirect(megatron_patches.CudaAllocationsToCpu):
     calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -45,7 +45,7 @@ def overhead_per_call(repeats: int = 200_000) -> float:
     stack = torch.overrides._get_current_function_mode_stack()
     with torch.overrides._pop_mode_temporarily() if stack else contextlib.nullcontext():
         bare = statistics.median(loop() for _ in range(3))
-        with cpu_accommodations.CudaAllocationsToCpu():
+        with megatron_patches.CudaAllocationsToCpu():
             through = statistics.median(loop() for _ in range(3))
     return through - bare
 
@@ -61,8 +61,8 @@ def main() -> None:
                                                        "checkpoint.resume=false", "checkpoint.save=false",
                                                        "logging.wandb.enabled=false", "logging.progress=false",
                                                        *overrides])
-    trainer = Trainer(cfg, PretrainTask)
-    batches = trainer.task.train_batches(0)
+    trainer = Trainer(cfg, Pretrain)
+    batches = trainer.recipe.train_batches(0)
     trainer.train_step(batches)  # warm-up
     seconds = []
     for _ in range(args.steps):

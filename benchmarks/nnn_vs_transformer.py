@@ -68,10 +68,9 @@ def _tensor_bytes(context) -> int:
 
 
 def generation(contexts: list[int], new_tokens: int) -> dict:
-    from thann.data.tokenizer import padded_vocab_size
     from thann.inference.generator import Generator
     from thann.inference.sampling import SamplingParams
-    from thann.models import language
+    from thann.models import registry
     from thann.parallel import state
 
     class NoStop:
@@ -82,13 +81,12 @@ def generation(contexts: list[int], new_tokens: int) -> dict:
 
     layout = OmegaConf.create({"tp": 1, "pp": 1, "ep": 1, "etp": 1, "sp": False})
     state.initialize(layout, dp=1, seed=0)
-    vocab = padded_vocab_size(100277, 1)
     results = {}
     for name in MODELS:
         model_cfg = OmegaConf.load(os.path.join(ROOT, "configs", "model", f"{name}.yaml"))
-        family = language.family(model_cfg)
-        model = family.build(family.transformer_config(model_cfg, layout, bf16=False), model_cfg, vocab,
-                             max(contexts) + new_tokens, True, True).to(state.device()).eval()
+        model, _ = registry.build(model_cfg, layout, vocab_size=100277, max_sequence_length=max(contexts) + new_tokens,
+                                  bf16=False)
+        model.eval()
         for context in contexts:
             prompt = torch.randint(0, 100000, (context,), generator=torch.Generator().manual_seed(context)).tolist()
             generator = Generator([model], NoStop(), context + new_tokens)
@@ -145,11 +143,11 @@ def main() -> None:
     print("| model | parameters | held-out loss (mean ± std) | " + " | ".join(f"loss @ step {s}" for s in steps)
           + " | train tokens/s |")
     print("|---|---|---|" + "---|" * len(steps) + "---|")
-    from thann.models import language
+    from thann.models import registry
 
     for m in MODELS:
         cfg = OmegaConf.load(os.path.join(ROOT, "configs", "model", f"{m}.yaml"))
-        params = language.family(cfg).num_parameters(cfg, 100352)
+        params = registry.size(cfg, 100277).total
         final = mean_std([runs[(m, s)]["valid"][steps[-1]] for s in args.seeds])
         curve = " | ".join(f"{statistics.mean(runs[(m, s)]['valid'][step] for s in args.seeds):.3f}" for step in steps)
         tokens = statistics.mean(runs[(m, s)]["tokens_per_s"] for s in args.seeds)

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from thann.cli import CONFIG_DIR
 from thann.data.tokenizer import padded_vocab_size
-from thann.models.thann.model import ThannModel, transformer_config
+from thann.models import registry
 from thann.parallel import state
 
 
@@ -49,15 +49,14 @@ def main() -> None:
     layout = OmegaConf.create({"tp": 1, "pp": 1, "ep": 1, "etp": 1, "sp": False})
     state.initialize(layout, dp=1, seed=1234)
     model_cfg = OmegaConf.load(f"{CONFIG_DIR}/model/thann_tiny.yaml")
-    vocab = padded_vocab_size(100277, 1)
-    config = transformer_config(model_cfg, layout, bf16=False)
     tokens = torch.randint(0, 100277, (args.micro_batch, args.seq), device=state.device())
-
+    thann, config = registry.build(model_cfg, layout, vocab_size=100277, max_sequence_length=args.seq, bf16=False)
     models = {
-        "THANN (learnt tokenization, SDPA, grouped experts)": ThannModel(config, model_cfg, vocab, args.seq),
+        "THANN (learnt tokenization, SDPA, grouped experts)": thann,
         "megatron-core local GPT spec (SequentialMLP)": GPTModel(
             config, get_gpt_layer_local_spec(num_experts=model_cfg.num_experts, moe_grouped_gemm=False),
-            vocab, args.seq, share_embeddings_and_output_weights=True, position_embedding_type="rope"),
+            padded_vocab_size(100277, 1), args.seq, share_embeddings_and_output_weights=True,
+            position_embedding_type="rope"),
     }
     rows = []
     for name, model in models.items():
@@ -68,7 +67,7 @@ def main() -> None:
     tokens_per_step = args.micro_batch * args.seq
     print(f"\ndevice: {state.device()}, threads: {torch.get_num_threads()}, micro-batch {args.micro_batch} x seq {args.seq}, "
           f"median of {args.steps} steps")
-    print(f"| model | params | step (ms) | tokens/s |\n|---|---|---|---|")
+    print("| model | params | step (ms) | tokens/s |\n|---|---|---|---|")
     for name, params, seconds in rows:
         print(f"| {name} | {params / 1e6:.2f}M | {seconds * 1e3:.1f} | {tokens_per_step / seconds:,.0f} |")
     print(f"THANN / stock step-time ratio: {rows[0][2] / rows[1][2]:.3f}")

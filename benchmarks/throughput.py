@@ -16,7 +16,8 @@ Rows, each on the same token batches (the first micro-batches of the configured 
 - ``HF Mixtral, bf16 weights``: the same model in bf16 with fused AdamW on the bf16 weights.
 
 Each row: median step time of ``--steps`` steps after ``--warmup`` (synchronized), tokens/s,
-model TFLOP/s (6·N_active + 6·h·V + 12·L·h·s per token, each model's own N_active), MFU against
+model TFLOP/s (thann.models.common.size: 6 per active matmul parameter + 12·L·h·s per token, each
+model's own parameters), MFU against
 a matmul peak measured at start (bf16 8192³ on GPU; fp32 on CPU, for a smoke run only), and
 peak memory. On CPU the "bf16" rows stay fp32 (no autocast, no fused AdamW).
 
@@ -36,10 +37,13 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from thann.cli import CONFIG_DIR
-from thann.data.datasets import Batching, build_datasets, micro_batches
+from thann.data.datasets import build_datasets, micro_batches
+from thann.data.order import SampleOrder
 from thann.data.tokenizer import build_tokenizer, padded_vocab_size
-from thann.tasks.lm_pretrain import PretrainTask
+from thann.models import registry
+from thann.models.common.size import Size
 from thann.parallel import state
+from thann.recipes.pretrain import Pretrain
 from thann.training.trainer import Trainer
 
 
@@ -122,12 +126,14 @@ def print_profile(step, top: int = 20) -> None:
 def run_thann(cfg, warmup: int, steps: int, profile: bool = False) -> dict:
     trainer = batches = None
     try:
-        trainer = Trainer(cfg, PretrainTask)
-        batches = trainer.task.train_batches(0)
+        trainer = Trainer(cfg, Pretrain)
+        batches = trainer.recipe.train_batches(0)
         seconds = timed_steps(lambda i: trainer.train_step(batches), warmup, steps)
         if profile:
             print_profile(lambda: trainer.train_step(batches))
-        return {"seconds": seconds, "flops_per_token": trainer.task.flops_per_token, "memory": peak_memory_gib()}
+        spec = trainer.specs["model"]
+        flops = registry.size(spec.args, spec.vocab_size).flops_per_token(spec.seq_length)
+        return {"seconds": seconds, "flops_per_token": flops, "memory": peak_memory_gib()}
     finally:
         trainer = batches = None  # frees the model before the next row
         state.destroy()
@@ -142,7 +148,7 @@ def token_batches(cfg, count: int) -> tuple[list[torch.Tensor], int]:
     dataset, _ = build_datasets(cfg.data, tokenizer, train.seq_length, train.seed,
                                 train_samples=train.steps * train.global_batch_size,
                                 valid_samples=train.global_batch_size)
-    batches = micro_batches(dataset, Batching(train.global_batch_size, train.micro_batch_size, 1, 0))
+    batches = micro_batches(dataset, SampleOrder(train.global_batch_size, train.micro_batch_size, 1, 0))
     return [next(batches)["tokens"] for _ in range(count)], padded_vocab_size(tokenizer.vocab_size, 1)
 
 
@@ -160,12 +166,15 @@ def mixtral(cfg, vocab_size: int):
         experts_implementation="grouped_mm" if torch.cuda.is_available() else "eager",
     )
     model = MixtralForCausalLM(config)
-    h, V, L, s = m.hidden_size, vocab_size, m.num_layers, cfg.train.seq_length
+    h, L, s = m.hidden_size, m.num_layers, cfg.train.seq_length
     total = sum(p.numel() for p in model.parameters())
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     embedding = model.model.embed_tokens.weight.numel()
     active = total - experts + experts * m.moe_router_topk // m.num_experts
-    return model, 6 * (active - embedding) + 6 * h * V + 12 * L * h * s
+    # The one FLOP formula (thann.models.common.size): the LM head multiplies (a tied one is the
+    # embedding table), an untied embedding table is only looked up.
+    matmul = active if m.tie_embeddings else active - embedding
+    return model, Size(total, active, matmul, attention_layers=L, attention_width=h).flops_per_token(s)
 
 
 def run_mixtral(cfg, tokens: list[torch.Tensor], vocab_size: int, bf16_weights: bool, args) -> dict:
@@ -233,7 +242,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     peak = matmul_peak()
     print(f"{datetime.date.today()} on {device}: torch {torch.__version__}, megatron-core {version('megatron-core')}, "
-          f"matmul peak {peak / 1e12:.1f} TFLOP/s; model={args.model} {' '.join(args.override)} "
+          f"matmul peak {peak / 1e12:.4g} TFLOP/s; model={args.model} {' '.join(args.override)} "
           f"seq {args.seq_length} micro-batch {args.micro_batch_size} recompute {args.recompute}")
     results = {}
     if "thann" in args.rows:
@@ -246,12 +255,13 @@ def main() -> None:
             if row in args.rows:
                 results[name] = run_mixtral(cfg, tokens, vocab_size, bf16_weights, args)
     tokens_per_step = args.micro_batch_size * args.seq_length
-    print(f"{'row':45} {'step ms':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}")
+    print(f"{'row':45} {'step ms':>8} {'tokens/s':>10} {'FLOP/token':>10} {'TFLOP/s':>8} {'MFU':>7} {'peak GiB':>8}")
     for name, r in results.items():
         rate = tokens_per_step / r["seconds"]
         flops = r["flops_per_token"] * rate
         memory = f"{r['memory']:8.1f}" if r["memory"] is not None else f"{'-':>8}"
-        print(f"{name:45} {r['seconds'] * 1e3:8.1f} {rate:10,.0f} {flops / 1e12:8.1f} {flops / peak:6.1%} {memory}")
+        print(f"{name:45} {r['seconds'] * 1e3:8.1f} {rate:10.1f} {r['flops_per_token']:10.4g} {flops / 1e12:8.4g} "
+              f"{flops / peak:7.2%} {memory}")
     thann = next((r for n, r in results.items() if n.startswith("THANN")), None)
     hf = [r for n, r in results.items() if n.startswith("HF")]
     if thann and hf:

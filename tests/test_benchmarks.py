@@ -4,6 +4,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -13,9 +15,15 @@ def test_throughput_benchmark_runs_thann_and_hf_mixtral_at_tiny_scale(tiny_corpu
          "--micro-batch-size", "2", "--steps", "1", "--warmup", "1", "--profile", "--override", f"data.paths=[{tiny_corpus}]"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = re.findall(r"^(THANN|HF Mixtral).*?\s([\d.]+)\s+([\d,]+)\s+[\d.]+\s+[\d.]+%", out.stdout, re.MULTILINE)
+    peak = float(re.search(r"matmul peak ([\d.e+-]+) TFLOP/s", out.stdout).group(1)) * 1e12
+    rows = re.findall(r"^(THANN|HF Mixtral).*?\s([\d.]+)\s+([\d.]+)\s+([\d.e+]+)\s+[\d.e+-]+\s+([\d.]+)%",
+                      out.stdout, re.MULTILINE)
     assert [r[0] for r in rows] == ["THANN", "HF Mixtral", "HF Mixtral"], out.stdout
-    assert all(float(ms) > 0 and int(rate.replace(",", "")) > 0 for _, ms, rate in rows)
+    for _, ms, rate, flops_per_token, mfu in rows:
+        tokens_per_s = float(rate)
+        assert tokens_per_s == pytest.approx(2 * 32 / (float(ms) / 1e3), rel=2e-3)  # micro-batch 2 x 32 tokens
+        # MFU: the model's FLOPs per second over the measured peak (printed values, rounded)
+        assert float(mfu) / 100 == pytest.approx(float(flops_per_token) * tokens_per_s / peak, rel=2e-2, abs=1e-4)
     assert re.search(r"THANN / fastest HF row: [\d.]+x", out.stdout)
     profiled = re.findall(r"^(aten::\S+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)%$", out.stdout, re.MULTILINE)
     assert len(profiled) >= 10 and any(op == "aten::_fused_adamw_" for op, *_ in profiled), out.stdout
@@ -45,3 +53,64 @@ def test_contrastive_memory_benchmark_prints_a_row_per_global_batch(pairs_with_n
     assert out.returncode == 0, out.stderr[-3000:]
     row = re.search(r"^\s+4\s+(\d+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)$", out.stdout, re.MULTILINE)
     assert row and all(float(v) > 0 for v in row.groups()), out.stdout
+
+
+def test_checkpoint_io_benchmark_reports_the_size_on_disk_and_its_rates(tmp_path):
+    out = subprocess.run([sys.executable, "benchmarks/checkpoint_io.py", "--model", "thann_tiny", "--layers", "2",
+                          "--repeats", "1", "--dir", str(tmp_path / "bench"), "--keep"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = re.findall(r"^\| (zarr|torch_dist) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", out.stdout,
+                      re.MULTILINE)
+    assert [r[0] for r in rows] == ["zarr", "torch_dist"], out.stdout
+    for fmt, size, save, save_rate, load, load_rate in rows:
+        checkpoint = next((tmp_path / "bench" / fmt).glob("iter_*"))
+        on_disk = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
+        assert float(size) == pytest.approx(on_disk / 1e9, abs=1e-4)  # measured here, walking the directory
+        # weights and two Adam moments of 14.7M fp32 parameters, and little else
+        assert 3 * 14_670_464 * 4 <= on_disk <= 1.05 * 3 * 14_670_464 * 4
+        assert float(save_rate) == pytest.approx(float(size) / float(save), rel=0.02)
+        assert float(load_rate) == pytest.approx(float(size) / float(load), rel=0.02)
+
+
+def test_preprocess_benchmark_counts_the_tokens_tiktoken_makes():
+    from thann.data.corpora import sharegpt_text
+    from thann.data.tokenizer import build_tokenizer
+
+    out = subprocess.run([sys.executable, "benchmarks/preprocess_throughput.py", "--documents", "40", "--workers", "1",
+                          "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    documents, tokens = re.search(r"^\s+1\s+(\d+)\s+([\d,]+)\s", out.stdout, re.MULTILINE).groups()
+    encoding = build_tokenizer("tiktoken", "cl100k_base")
+    texts = [d.text for _, d in zip(range(40), sharegpt_text())]
+    assert int(documents) == 40
+    assert int(tokens.replace(",", "")) == sum(len(encoding.encode(t)) + 1 for t in texts)  # + end-of-document
+
+
+def test_step_benchmark_times_thann_beside_the_stock_spec_at_the_same_shape():
+    out = subprocess.run([sys.executable, "benchmarks/step_vs_gpt.py", "--steps", "1", "--micro-batch", "2",
+                          "--seq", "32"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = re.findall(r"^\| (.+?) \| ([\d.]+)M \| ([\d.]+) \| ([\d,]+) \|$", out.stdout, re.MULTILINE)
+    assert len(rows) == 2, out.stdout
+    (_, thann_params, thann_ms, thann_rate), (_, stock_params, _, _) = rows
+    assert float(thann_params) == pytest.approx(14.67, abs=0.005)  # thann_tiny: 14,670,464
+    # the stock spec has no learnt tokenization (3 depthwise convolutions, a mix, an attention, a norm)
+    h = 128
+    assert float(thann_params) - float(stock_params) == pytest.approx((15 * h + 3 * h * h + h + 4 * h * h) / 1e6,
+                                                                      abs=0.01)
+    assert int(thann_rate.replace(",", "")) == pytest.approx(2 * 32 / (float(thann_ms) / 1e3), rel=0.01)
+
+
+def test_nnn_benchmark_compares_models_of_the_same_size(tiny_chat_corpus, tmp_path):
+    out = subprocess.run([sys.executable, "benchmarks/nnn_vs_transformer.py", "--steps", "4", "--seeds", "1",
+                          "--contexts", "64", "--new-tokens", "4", "--data", tiny_chat_corpus, "--work-dir",
+                          str(tmp_path), "--override", "train.eval_iters=1", "train.global_batch_size=2",
+                          "train.micro_batch_size=2", "train.seq_length=64"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    params = dict(re.findall(r"^\| (nnn_tiny|gpt_tiny) \| ([\d,]+) \|", out.stdout, re.MULTILINE))
+    assert params == {"nnn_tiny": "26,745,984", "gpt_tiny": "26,745,984"}, out.stdout
+    # gpt_tiny's KV cache for one sequence of 64 + 4 positions: keys and values of 4 layers, 128 floats each
+    cache = re.search(r"^\| gpt_tiny \| [\d.]+ \| ([\d.]+) \|", out.stdout, re.MULTILINE).group(1)
+    assert float(cache) == pytest.approx(2 * 4 * (64 + 4) * 128 * 4 / 2**20, abs=0.005)

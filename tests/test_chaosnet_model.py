@@ -23,12 +23,12 @@ from thann.models.chaosnet import (
 )
 from thann.models.chaosnet.neurons import spike
 
-# The seed's sizes (512 neurons, 5 ticks, embedding width 300) and the three sequential tasks.
+# The seed's sizes (512 neurons, 5 ticks, embedding width 300) and the three sequential datasets.
 SEED_CFG = dict(
     arch="chaosnet", neurons=512, ticks=5, sigma=0.05, theta=0.5, rho=0.9, leak=0.02, mode="stateful",
     train_death_rate=0.5, eval_death_rate=0.5, input_width=300,
     text=dict(vocab_size=100277, max_tokens=512), image=dict(channels=1, size=28, conv_channels=[16, 32]),
-    tasks=dict(newsgroups20=dict(modality="text", num_classes=20), mnist=dict(modality="image", num_classes=10),
+    heads=dict(newsgroups20=dict(modality="text", num_classes=20), mnist=dict(modality="image", num_classes=10),
                fashion_mnist=dict(modality="image", num_classes=10)),
 )
 
@@ -197,23 +197,23 @@ def test_text_front_end_is_the_mean_of_the_unpadded_embeddings():
     np.testing.assert_allclose(model.features(tokens, "newsgroups20").detach().numpy(), expected, rtol=1e-6)
 
 
-def test_per_sample_losses_and_logits_for_every_task():
+def test_per_sample_losses_and_logits_for_every_head():
     cfg = small_cfg()
     for arch in ("chaosnet", "mlp_baseline"):
         model = build_classifier(chaosnet_transformer_config(cfg, bf16=False), OmegaConf.merge(cfg, {"arch": arch}))
         inputs = {"newsgroups20": torch.randint(0, 50, (4, 9)), "mnist": torch.randint(0, 256, (4, 1, 8, 8)),
                   "fashion_mnist": torch.randint(0, 256, (4, 1, 8, 8))}
-        for task, x in inputs.items():
+        for head, x in inputs.items():
             randomness_ = model.draw_randomness(4, torch.Generator().manual_seed(0), 0.5)
-            logits = model(x, task, *randomness_)
-            labels = torch.arange(4) % cfg.tasks[task].num_classes
-            losses = model(x, task, *randomness_, labels=labels)
-            assert logits.shape == (4, cfg.tasks[task].num_classes) and losses.shape == (4,)
+            logits = model(x, head, *randomness_)
+            labels = torch.arange(4) % cfg.heads[head].num_classes
+            losses = model(x, head, *randomness_, labels=labels)
+            assert logits.shape == (4, cfg.heads[head].num_classes) and losses.shape == (4,)
             z = logits.detach().double().numpy()
             shifted = z - z.max(1, keepdims=True)
             log_softmax = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
             np.testing.assert_allclose(losses.detach().numpy(), -log_softmax[np.arange(4), labels.numpy()], rtol=1e-5)
-        with pytest.raises(ValueError, match="unknown task"):
+        with pytest.raises(ValueError, match="unknown head"):
             model(inputs["mnist"], "cifar", *randomness_)
 
 
@@ -234,7 +234,7 @@ def test_mlp_dropout_is_seeded_and_stays_on():
 def test_parameter_counts_follow_from_the_config_and_the_baseline_matches():
     for modalities in (("text",), ("image",), ("text", "image")):
         cfg = OmegaConf.create(SEED_CFG)
-        cfg.tasks = {n: t for n, t in SEED_CFG["tasks"].items() if t["modality"] in modalities}
+        cfg.heads = {n: t for n, t in SEED_CFG["heads"].items() if t["modality"] in modalities}
         config = chaosnet_transformer_config(cfg, bf16=False)
         with torch.device("meta"):  # the 100k-token embedding is never allocated
             chaosnet = build_classifier(config, cfg)
@@ -256,7 +256,7 @@ def test_parameter_counts_follow_from_the_config_and_the_baseline_matches():
     ("ticks", 0), ("neurons", 0), ("input_width", -3), ("train_death_rate", 1.0), ("eval_death_rate", -0.1),
     ("mode", "sleepy"), ("arch", "resnet"), ("sigma", -1.0), ("rho", 1.5), ("text.vocab_size", 0),
     ("text.max_tokens", 0), ("image.channels", 0), ("image.size", 2), ("image.conv_channels", [16, 0]),
-    ("tasks.mnist.modality", "audio"), ("tasks.mnist.num_classes", 1), ("ticks", 2.5), ("neurons", True),
+    ("heads.mnist.modality", "audio"), ("heads.mnist.num_classes", 1), ("ticks", 2.5), ("neurons", True),
     ("hidden_width", 0),
 ])
 def test_bad_config_values_name_their_field(field, value):
@@ -290,7 +290,7 @@ def test_megatron_ddp_trains_the_recurrent_weights(single_rank):
     assert model.module.core.w_rec_raw.main_grad.abs().sum() > 0
 
 
-def test_bf16_wrapper_runs_a_text_task(single_rank):
+def test_bf16_wrapper_runs_a_text_head(single_rank):
     cfg = small_cfg()
     config = chaosnet_transformer_config(cfg, bf16=True)
     model = Float16Module(config, build_classifier(config, cfg))

@@ -12,7 +12,7 @@ import zarr
 
 from conftest import ROOT, read_metrics, run_patched, run_pretrain, tiny_run_overrides
 
-HARNESS = os.path.join(ROOT, "tests", "checkpoint_harness.py")
+HARNESS = os.path.join(ROOT, "tests", "support", "checkpoint_harness.py")
 
 
 def _train_losses(run_dir):

@@ -15,7 +15,7 @@ import torch
 
 from conftest import ROOT
 
-HARNESS = os.path.join(ROOT, "tests", "classify_harness.py")
+HARNESS = os.path.join(ROOT, "tests", "support", "classify_harness.py")
 ENTRY = os.path.join(ROOT, "train_classifier.py")
 # A small ChaosNet, fp32, 8 samples per step; 16 evaluation samples per task.
 TINY = ["model.neurons=32", "model.input_width=16", "model.ticks=3", "model.image.conv_channels=[4]",
@@ -47,7 +47,7 @@ def _relative(a, b) -> float:
 
 def test_masks_come_from_seeded_streams():
     from thann.models.chaosnet import ChaosNeurons
-    from thann.tasks.classify import TRAIN_MASKS, generator
+    from thann.recipes.classify.recipe import TRAIN_MASKS, generator
 
     core = ChaosNeurons(4, 64, ticks=5)
 
@@ -67,7 +67,7 @@ def test_same_seed_same_metrics_even_through_a_resume_at_a_stage_change(tmp_path
     straight through, one stopped at the end of the first stage and resumed from its checkpoint
     (the resumed run must reset the optimizer state as the straight one did). They log identical
     numbers (timings aside)."""
-    common = ["classify.tasks=[mnist,fashion_mnist]", "classify.sequential=true", "train.steps=4",
+    common = ["classify.datasets=[mnist,fashion_mnist]", "classify.sequential=true", "train.steps=4",
               "train.eval_interval=2", "checkpoint.interval=2", "train.schedule=constant",
               "classify.eval_death_rates=[0,0.9]", "train.seed=7"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -77,7 +77,7 @@ def test_same_seed_same_metrics_even_through_a_resume_at_a_stage_change(tmp_path
         assert run.returncode == 0, run.stderr[-3000:]
     assert "resumed from" in run.stdout and "stage 2/2 trains fashion_mnist (optimizer state reset)" in run.stdout
     first = _metrics(straight)
-    assert [(r["step"], r["split"], r["task"]) for r in first] == [
+    assert [(r["step"], r["split"], r["dataset"]) for r in first] == [
         (0, "valid", "mnist"), (1, "train", "mnist"), (2, "train", "mnist"), (2, "valid", "mnist"),
         (3, "train", "fashion_mnist"), (4, "train", "fashion_mnist"), (4, "valid", "fashion_mnist")]
     assert "accuracy_mnist" in first[3] and "accuracy_fashion_mnist" not in first[3]
@@ -101,7 +101,7 @@ def _harness(args, nproc):
 def test_dp2_equals_one_rank(tmp_path):
     """Text first (the embedding's gradient), death rate 0.5: the first step's loss and full
     gradient, and the step-0 evaluation of both tasks, on 2 data-parallel ranks and on one."""
-    overrides = TINY + ["classify.tasks=[newsgroups20,mnist]", "train.steps=2", "train.eval_interval=1"]
+    overrides = TINY + ["classify.datasets=[newsgroups20,mnist]", "train.steps=2", "train.eval_interval=1"]
     init, results = tmp_path / "init.pt", {}
     for name, nproc in (("single", 1), ("dp2", 2)):
         out = tmp_path / f"{name}.pt"
@@ -126,7 +126,7 @@ def test_sequential_stages_keep_the_parameters_they_do_not_train(tmp_path):
     the MNIST head learn. Without the reset of the optimizer state at the stage change, Adam's
     momentum would have moved the text head on."""
     out = tmp_path / "stages.pt"
-    overrides = TINY + ["classify.tasks=[newsgroups20,mnist]", "classify.sequential=true", "train.steps=6",
+    overrides = TINY + ["classify.datasets=[newsgroups20,mnist]", "classify.sequential=true", "train.steps=6",
                         "train.eval_interval=3", "train.schedule=constant", f"checkpoint.dir={tmp_path / 'run'}"]
     _harness(["stages", str(out), *overrides], 1)
     runs = torch.load(out)
@@ -157,25 +157,25 @@ def test_sequential_stages_keep_the_parameters_they_do_not_train(tmp_path):
 def test_sequential_config_and_layout_checks_name_their_field():
     from thann.cli import load_config
     from thann.config import ConfigError
-    from thann.tasks.classify import ClassifyTask
+    from thann.recipes.classify import Classify
 
     cases = {
         "parallel.tp": ["parallel.tp=2"],
         "parallel.ep": ["parallel.ep=2"],
-        "train.steps": ["classify.tasks=[mnist,fashion_mnist]", "classify.sequential=true", "train.steps=601"],
-        "train.eval_interval": ["classify.tasks=[mnist,fashion_mnist]", "classify.sequential=true",
+        "train.steps": ["classify.datasets=[mnist,fashion_mnist]", "classify.sequential=true", "train.steps=601"],
+        "train.eval_interval": ["classify.datasets=[mnist,fashion_mnist]", "classify.sequential=true",
                                 "train.eval_interval=7"],
-        "train.weight_decay": ["classify.tasks=[mnist,fashion_mnist]", "classify.sequential=true",
+        "train.weight_decay": ["classify.datasets=[mnist,fashion_mnist]", "classify.sequential=true",
                                "train.weight_decay=0.1"],
-        "classify.tasks": ["classify.tasks=[mnist,cifar10]"],
+        "classify.datasets": ["classify.datasets=[mnist,cifar10]"],
         "classify.eval_samples": ["classify.eval_samples=0"],
     }
     for field, overrides in cases.items():
         with pytest.raises(ConfigError) as error:
-            ClassifyTask.check_config(load_config("classify", overrides), 1)
+            Classify.check(load_config("classify", overrides), 1)
         assert error.value.field == field, (field, str(error.value))
         assert "\n" not in str(error.value)
-    ClassifyTask.check_config(load_config("classify", []), 1)
+    Classify.check(load_config("classify", []), 1)
 
 
 # -- bad input -------------------------------------------------------------------------------------
@@ -203,7 +203,7 @@ def test_claims_benchmark_writes_its_tables_and_plot(tmp_path):
     out = subprocess.run(
         [sys.executable, "benchmarks/chaosnet_claims.py", "--steps", "2", "--stage-steps", "1", "--seeds", "2",
          "--datasets", "mnist", "--models", "stateful,mlp", "--train-rates", "0.5", "--eval-rates", "0,0.9,0.999",
-         "--retention-tasks", "mnist,fashion_mnist", "--retention-models", "stateful", "--eval-samples", "16",
+         "--retention-datasets", "mnist,fashion_mnist", "--retention-models", "stateful", "--eval-samples", "16",
          "--batch", "8", "--jobs", "1", "--out", str(tmp_path), "--plot", str(tmp_path / "death_rates.png"),
          "--override", "model.neurons=32", "--override", "model.input_width=16", "--override",
          "model.image.conv_channels=[4]"],

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from conftest import ROOT
 
-HARNESS = os.path.join(ROOT, "tests", "contrastive_harness.py")
+HARNESS = os.path.join(ROOT, "tests", "support", "contrastive_harness.py")
 MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.moe_ffn_hidden_size=64",
          "model.moe_aux_loss_coeff=0.0", "train.precision=fp32", "contrastive.hard_negatives=1",
          "train.seq_length=32", "train.steps=4", "train.warmup_steps=1", "contrastive.eval_pool=10",
@@ -39,42 +39,45 @@ def _relative(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def encoder(single_rank, pairs_with_negatives, tmp_path_factory):
-    """The task and encoder in this process, and their initial weights in a file for every layout."""
+    """The recipe and encoder in this process, and their initial weights in a file for every layout."""
     from hydra import compose, initialize_config_dir
 
-    from thann.checkpoint.full_state import gather_full, model_sharded_tensors
+    from support.full_state import gather_full, model_sharded_tensors
     from thann.cli import CONFIG_DIR
-    from thann.parallel import state
+    from thann.models import registry
     from thann.parallel.state import Layout
-    from thann.tasks.contrastive import ContrastiveTask
+    from thann.recipes.contrastive.recipe import Contrastive, encoder_args
 
     base = tmp_path_factory.mktemp("contrastive")
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="contrastive", overrides=_overrides(pairs_with_negatives, base / "unused") + [
             "train.micro_batch_size=2", "train.global_batch_size=8"])
-    task = ContrastiveTask(cfg, Layout(1, 1, 1, 1, False, 2), bf16=False)
-    model = task.build_model(True, True).to(state.device())
+    recipe = Contrastive(cfg, Layout(1, 1, 1, 1, False, 2))
+    model, _ = registry.build(encoder_args(cfg), single_rank, vocab_size=recipe.tokenizer.vocab_size,
+                              max_sequence_length=cfg.train.seq_length, bf16=False)
     tensors = model_sharded_tensors([model])
     torch.save(gather_full(tensors), base / "init.pt")
-    return base, cfg, task, model, tensors
+    return base, cfg, recipe, model, tensors
 
 
 def test_grad_cache_over_2_ranks_and_2_micro_batches_equals_one_pass(encoder, pairs_with_negatives):
-    from thann.checkpoint.full_state import gather_full
-    from thann.data.datasets import Batching
+    from support.full_state import gather_full
+    from thann.data.order import SampleOrder
     from thann.data.pairs import pair_batches
+    from thann.inference.embedding import encode
 
-    base, cfg, task, model, tensors = encoder
+    base, cfg, recipe, model, tensors = encoder
     got = _harness(base / "init.pt", base / "dp2.pt", _overrides(pairs_with_negatives, base / "dp2", [
         "train.micro_batch_size=2", "train.global_batch_size=8"]), nproc=2)  # dropout 0.1 on
 
     model.train()
     queries, positives, negatives = [], [], []
     for rank in range(2):
-        batches = pair_batches(task.train_set, Batching(8, 2, 2, rank), 0, cfg.train.seed, 32, task.tokenizer.eod)
+        batches = pair_batches(recipe.train_set, SampleOrder(8, 2, 2, rank), 0, cfg.train.seed, 32,
+                               recipe.tokenizer.eod)
         torch.set_rng_state(got["rng"][rank])  # the dropout stream that rank started the step with
         for _ in range(2):
-            embedded = task.embed(next(batches), model)
+            embedded = encode(next(batches), model)
             queries.append(embedded[:2])
             positives.append(embedded[2:4])
             negatives.append(embedded[4:])

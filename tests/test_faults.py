@@ -68,7 +68,7 @@ from thann.training import trainer as trainer_module
 train_step = trainer_module.Trainer.train_step
 
 def train_step_or_die(self, batches):
-    if self.step == 5 and dist.get_rank() == 1 and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+    if self.position.step == 5 and dist.get_rank() == 1 and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
         os.kill(os.getpid(), signal.SIGKILL)
     return train_step(self, batches)
 
@@ -95,26 +95,26 @@ NAN_AT_STEP_3 = """
 import sys
 import torch
 from thann.cli import pretrain
-from thann.tasks import lm_pretrain as task_module
+from thann.recipes.pretrain import recipe as recipe_module
 from thann.training import trainer as trainer_module
 
-lm_loss = task_module.lm_loss
+lm_loss = recipe_module.lm_loss
 
-def nan_at_step_3(loss_mask, loss_scale, token_losses):
-    loss_sum, num_tokens, report = lm_loss(loss_mask, loss_scale, token_losses)
+def nan_at_step_3(loss_mask, token_losses):
+    loss_sum, report = lm_loss(loss_mask, token_losses)
     if STEP["n"] == 3:
         loss_sum = loss_sum * float("nan")
         report = {"lm_loss": torch.stack([loss_sum.detach(), report["lm_loss"][1]])}
-    return loss_sum, num_tokens, report
+    return loss_sum, report
 
 STEP = {"n": 0}
 train_step = trainer_module.Trainer.train_step
 
 def counting_train_step(self, batches):
-    STEP["n"] = self.step + 1
+    STEP["n"] = self.position.step + 1
     return train_step(self, batches)
 
-task_module.lm_loss = nan_at_step_3
+recipe_module.lm_loss = nan_at_step_3
 trainer_module.Trainer.train_step = counting_train_step
 sys.argv[0] = "pretrain_thann.py"
 pretrain()

@@ -124,7 +124,10 @@ def single_rank_generations(tiny_checkpoint, prompts_file, tmp_path_factory):
     (4, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2"], "greedy"),
     (4, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2"], "sampled"),
     (2, [], "sampled"),  # two data-parallel ranks, each with its share of the prompts
-], ids=["tp2_sp", "pp2", "ep2", "tp2_sp_ep2", "tp2_sp_ep2_sampled", "dp2_sampled"])
+    # expert parallelism across two data-parallel ranks holding prompts of different lengths
+    # (rank 0 prompts 0 and 2, rank 1 prompt 1 and a batch it drops): steps agreed by all ranks
+    (2, ["parallel.ep=2", "batch_size=1"], "greedy"),
+], ids=["tp2_sp", "pp2", "ep2", "tp2_sp_ep2", "tp2_sp_ep2_sampled", "dp2_sampled", "ep2_dp2_own_prompts"])
 def test_every_layout_generates_what_one_rank_does(tiny_checkpoint, prompts_file, single_rank_generations,
                                                    tmp_path, nproc, layout, mode):
     sampling = ["temperature=1.0", "top_k=50", "seed=7"] if mode == "sampled" else []

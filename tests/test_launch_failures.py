@@ -32,19 +32,19 @@ def test_invalid_layout_stops_every_rank_with_one_message(tiny_corpus, tmp_path,
 FAILING_RANK = """
 import sys
 from thann.cli import pretrain
-from thann.tasks import lm_pretrain as task_module
+from thann.recipes.pretrain import Pretrain
 import torch.distributed as dist
 
-forward_step = task_module.PretrainTask.forward_step
+forward_step = Pretrain.forward_step
 calls = {"n": 0}
 
-def failing_forward_step(self, data_iterator, model):
+def failing_forward_step(self, batch, model):
     calls["n"] += 1
     if dist.get_rank() == 1 and calls["n"] == 6:
         raise RuntimeError("injected failure on rank 1")
-    return forward_step(self, data_iterator, model)
+    return forward_step(self, batch, model)
 
-task_module.PretrainTask.forward_step = failing_forward_step
+Pretrain.forward_step = failing_forward_step
 sys.argv[0] = "pretrain_thann.py"
 pretrain()
 """

@@ -14,8 +14,8 @@ import torch
 
 from conftest import ROOT, read_metrics, run_pretrain, tiny_run_overrides
 
-LAYOUT_HARNESS = os.path.join(ROOT, "tests", "layout_harness.py")
-CHECKPOINT_HARNESS = os.path.join(ROOT, "tests", "checkpoint_harness.py")
+LAYOUT_HARNESS = os.path.join(ROOT, "tests", "support", "layout_harness.py")
+CHECKPOINT_HARNESS = os.path.join(ROOT, "tests", "support", "checkpoint_harness.py")
 NNN = ["model=nnn_tiny", "model.hidden_size=64", "model.num_nodes=4", "model.intermediate_size=128",
        "train.precision=fp32"]
 TRAIN = ["train.steps=6", "train.warmup_steps=1", "train.micro_batch_size=2", "train.global_batch_size=8",
@@ -112,15 +112,14 @@ def test_the_packed_export_generates_what_the_checkpoint_generates(tiny_corpus, 
 def test_the_dense_baseline_has_nnn_tiny_s_parameter_count(single_rank):
     from omegaconf import OmegaConf
 
-    from thann.models import language
+    from thann.models import registry
 
     counts = {}
     for name in ("nnn_tiny", "gpt_tiny"):
         cfg = OmegaConf.load(os.path.join(ROOT, "configs", "model", f"{name}.yaml"))
-        family = language.family(cfg)
-        model = family.build(family.transformer_config(cfg, single_rank, bf16=False), cfg, 100352, 64, True, True)
+        model, _ = registry.build(cfg, single_rank, vocab_size=100277, max_sequence_length=64, bf16=False)
         counts[name] = sum(p.numel() for p in model.parameters())
-        assert counts[name] == family.num_parameters(cfg, 100352), name
+        assert counts[name] == registry.size(cfg, 100277).total, name
     assert counts["nnn_tiny"] == counts["gpt_tiny"]
 
 
@@ -132,10 +131,10 @@ def test_the_dense_baseline_names_a_bad_attention_layout(model_fields, tp, field
     from omegaconf import OmegaConf
 
     from thann.config import ConfigError
-    from thann.models.gpt.model import check
+    from thann.models import registry
 
     cfg = OmegaConf.merge(OmegaConf.load(os.path.join(ROOT, "configs", "model", "gpt_tiny.yaml")), model_fields)
     layout = OmegaConf.create({"tp": tp, "pp": 1, "ep": 1, "etp": 1, "sp": tp > 1})
     with pytest.raises(ConfigError) as error:
-        check(cfg, layout, "none")
+        registry.spec_of(cfg).check(cfg, layout, "none")
     assert str(error.value).startswith(f"invalid config: {field}=")

@@ -16,7 +16,7 @@ def test_fused_adamw_updates_like_torch_reference_adamw(single_rank, tiny_model_
     model = _thann(tiny_model_cfg).train()
     model.learnt_tokenization.dropout.p = 0.0
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
-    optimizer, scheduler = build_optimizer(TRAIN, False, [ddp], bf16=False)
+    optimizer, scheduler = build_optimizer(TRAIN, TRAIN.steps, False, [ddp], bf16=False)
     groups = [group for adam in _torch_adams(optimizer) for group in adam.param_groups]  # dense, experts
     assert len(groups) > 1 and all(group["fused"] and not group["foreach"] for group in groups)
 

@@ -19,7 +19,7 @@ from conftest import ROOT
 GENERATE = ("thann.inference.cli", "_build")
 EMBED = ("thann.inference.embed", "_build")
 EXPORT = ("thann.checkpoint.__main__", "verify")
-PACK = ("thann.inference.nnn_pack", "load_weights")
+PACK = ("thann.inference.nnn_pack", "build_from_checkpoint")
 PRECIOUS = b"a file the tool does not own\n"
 
 

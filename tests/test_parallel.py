@@ -14,7 +14,7 @@ import torch
 
 from conftest import ROOT
 
-HARNESS = os.path.join(ROOT, "tests", "layout_harness.py")
+HARNESS = os.path.join(ROOT, "tests", "support", "layout_harness.py")
 # fp32, no dropout, dropless routing; 4 layers / 4 heads / 16 experts so tp, pp and ep up to 4 fit.
 MODEL = ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4", "model.moe_ffn_hidden_size=64",
          "model.tokenization.dropout=0.0", "train.precision=fp32"]
@@ -113,7 +113,7 @@ def chat_layout_runs(tiny_chat_corpus, tmp_path_factory):
 def test_the_loss_is_the_global_token_mean_with_uneven_masks(single_rank, tiny_chat_corpus, chat_layout_runs):
     from hydra import compose, initialize_config_dir
 
-    from thann.checkpoint.full_state import gather_full, load_full, model_sharded_tensors
+    from support.full_state import gather_full, load_full, model_sharded_tensors
     from thann.cli import CONFIG_DIR
     from thann.data.datasets import build_datasets
     from thann.data.tokenizer import build_tokenizer, padded_vocab_size

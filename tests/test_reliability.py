@@ -173,15 +173,15 @@ def test_ctrl_c_saves_and_exits_75_and_the_run_resumes(tiny_corpus, tmp_path):
 
 SIGTERM_WHILE_BUILDING = """
 import os, signal
-from thann.tasks import lm_pretrain
+from thann.models import registry
 
-build_model = lm_pretrain.PretrainTask.build_model
+build = registry.build
 
-def build_model_then_sigterm(self, *args, **kwargs):
+def build_then_sigterm(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGTERM)  # arrives while the run is still starting
-    return build_model(self, *args, **kwargs)
+    return build(*args, **kwargs)
 
-lm_pretrain.PretrainTask.build_model = build_model_then_sigterm
+registry.build = build_then_sigterm
 """
 
 
@@ -326,18 +326,18 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(tiny_
 
 NAN_WEIGHTS_AFTER_STEP_1 = """
 import torch
-from thann.training import trainer as trainer_module
+from thann.training.context import StepContext
 
-optimizer_step = trainer_module.Trainer.optimizer_step
+optimizer_step = StepContext.optimizer_step
 
-def poisoned_optimizer_step(self, skip=False):
-    grad_norm = optimizer_step(self, skip)
-    if self.step == 2:  # after the last update, before the save
+def poisoned_optimizer_step(self, slot, loss):
+    grad_norm = optimizer_step(self, slot, loss)
+    if self.position.step + 1 == 2:  # after the last update, before the save
         with torch.no_grad():
-            next(self.model[0].parameters()).view(-1)[0] = float("nan")
+            next(self.slots[slot].chunks[0].parameters()).view(-1)[0] = float("nan")
     return grad_norm
 
-trainer_module.Trainer.optimizer_step = poisoned_optimizer_step
+StepContext.optimizer_step = poisoned_optimizer_step
 """
 
 
@@ -350,18 +350,18 @@ def test_non_finite_weights_stop_with_exit_3_and_no_checkpoint(tiny_corpus, tmp_
 
 NAN_WEIGHTS_FROM_STEP_2 = """
 import torch
-from thann.training import trainer as trainer_module
+from thann.training.context import StepContext
 
-optimizer_step = trainer_module.Trainer.optimizer_step
+optimizer_step = StepContext.optimizer_step
 
-def poisoned_optimizer_step(self, skip=False):
-    grad_norm = optimizer_step(self, skip)
-    if self.step == 1:  # every later step has a NaN loss and gradient
+def poisoned_optimizer_step(self, slot, loss):
+    grad_norm = optimizer_step(self, slot, loss)
+    if self.position.step + 1 == 1:  # every later step has a NaN loss and gradient
         with torch.no_grad():
-            next(self.model[0].parameters()).view(-1)[0] = float("nan")
+            next(self.slots[slot].chunks[0].parameters()).view(-1)[0] = float("nan")
     return grad_norm
 
-trainer_module.Trainer.optimizer_step = poisoned_optimizer_step
+StepContext.optimizer_step = poisoned_optimizer_step
 """
 
 

@@ -67,18 +67,18 @@ def _nnn(m) -> tuple[int, int]:
 
 
 def _chaosnet_parts(m):
-    """(front-ends, classes over all heads) for the default tasks of configs/classify.yaml."""
-    tasks = OmegaConf.load(os.path.join(CONFIG_DIR, "classify.yaml")).classify.tasks
+    """(front-ends, classes over all heads) for the default datasets of configs/classify.yaml."""
+    datasets = OmegaConf.load(os.path.join(CONFIG_DIR, "classify.yaml")).classify.datasets
     frontends = 0
-    if any(CLASSES[t][0] == "image" for t in tasks):
+    if any(CLASSES[d][0] == "image" for d in datasets):
         channels, size = m.image.channels, m.image.size
         for out in m.image.conv_channels:
             frontends += out * channels * 9 + out
             channels, size = out, size // 2
         frontends += channels * size * size * m.input_width + m.input_width
-    if any(CLASSES[t][0] == "text" for t in tasks):
+    if any(CLASSES[d][0] == "text" for d in datasets):
         frontends += (m.text.vocab_size + 1) * m.input_width  # a padding row
-    return frontends, sum(CLASSES[t][1] for t in tasks)
+    return frontends, sum(CLASSES[d][1] for d in datasets)
 
 
 def _chaosnet(m) -> tuple[int, None]:
@@ -111,7 +111,7 @@ def test_summary_prints_the_counts_of_every_model_config(name):
     assert int(re.search(r"total_params=(\d+)", out.stdout).group(1)) == total
     printed_active = re.search(r"active_params=(\d+)", out.stdout)
     if active is None:
-        assert printed_active is None and "classify.tasks=['mnist']" in out.stdout
+        assert printed_active is None and "classify.datasets=['mnist']" in out.stdout
     else:
         assert int(printed_active.group(1)) == active
 
@@ -122,7 +122,7 @@ def test_an_untied_thann_counts_its_head():
     out = _summary("model.tie_embeddings=false")
     assert out.returncode == 0, out.stderr[-3000:]
     total, active = _thann(model_cfg)
-    assert f"total_params={total} active_params={active}" in out.stdout
+    assert f"total_params={total} active_params={active}\n" in out.stdout
 
 
 @pytest.mark.parametrize("args, message", [

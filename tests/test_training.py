@@ -71,3 +71,34 @@ def test_wandb_offline_and_tensorboard_receive_the_metrics(tiny_corpus, tmp_path
     assert out.returncode == 0, out.stderr[-3000:]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("recipe", ["pretrain", "contrastive"])
+@pytest.mark.parametrize("nproc, layout", [(1, []), (2, ["parallel.tp=2", "parallel.sp=true"])], ids=["1rank", "tp2_sp"])
+def test_the_moe_auxiliary_loss_is_switch_transformers_loss_of_what_the_routers_saw(
+        tiny_corpus, pairs_with_negatives, tmp_path, recipe, nproc, layout):
+    """The reported aux_loss (coefficient 0.05) equals the load-balancing loss computed in
+    tests/support/aux_loss_harness.py from the routers' inputs and weights, with one rank and
+    with tensor and sequence parallelism (each rank routes a slice of the sequence)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from conftest import ROOT
+
+    data = [f"data.paths=[{tiny_corpus if recipe == 'pretrain' else pairs_with_negatives}]"]
+    extra = ["train.sample.new_tokens=0"] if recipe == "pretrain" else ["contrastive.eval_pool=10", "train.seq_length=32"]
+    out = tmp_path / "aux.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
+           os.path.join(ROOT, "tests", "support", "aux_loss_harness.py"), recipe, str(out), *data, *layout, *extra,
+           f"checkpoint.dir={tmp_path / 'run'}", "checkpoint.save=false", "model.moe_aux_loss_coeff=0.05",
+           "model.tokenization.dropout=0.0", "train.steps=4", "train.warmup_steps=1", "train.micro_batch_size=2",
+           "train.global_batch_size=4", "logging.wandb.enabled=false", "logging.progress=false"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = torch.load(out)
+    assert result["layers"] == 2 and result["reported"] > 0.05  # two layers, each near E·k/(k·E) = 1 x 0.05
+    assert result["reported"] == pytest.approx(result["reference"], rel=1e-5)

@@ -20,7 +20,7 @@ HEAD, EMBEDDING = "output_layer.weight", "embedding.word_embeddings.weight"
 
 def _torchrun(nproc: int, script: str, args: list[str]):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
-           os.path.join(ROOT, "tests", script), *args, "logging.wandb.enabled=false", "logging.progress=false"]
+           os.path.join(ROOT, "tests", "support", script), *args, "logging.wandb.enabled=false", "logging.progress=false"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-4000:]
@@ -33,7 +33,7 @@ def _train_losses(run_dir) -> list[tuple]:
 @pytest.fixture(scope="module")
 def runs(tiny_corpus, tmp_path_factory):
     """4 steps straight; the same stopped at step 2 and resumed; and the step-2 checkpoint
-    copied and continued under tp2·sp by tests/checkpoint_harness.py (weights dumped on load)."""
+    copied and continued under tp2·sp by tests/support/checkpoint_harness.py (weights dumped on load)."""
     base = tmp_path_factory.mktemp("untied")
 
     def overrides(name):

@@ -1,7 +1,9 @@
 """Console entry points: each composes ``configs/<name>.yaml`` with command-line overrides
-(Hydra's syntax: ``group=option``, ``a.b=value``) and runs a task on the training loop.
+(Hydra's syntax: ``group=option``, ``a.b=value``) and runs a recipe on the training loop. The
+recipes are named here (EntryPoint.recipe) and imported only when one runs: nothing else in
+THANN imports a recipe.
 
-Exit codes (README, "Exit codes"): 0 done; 2 invalid config or usage, reported before anything
+Exit codes (EXIT_CODES below; docs/launching.md): 0 done; 2 invalid config or usage, reported before anything
 was built; 3 the loss or the weights became NaN/inf; 75 stopped by a signal after saving (start
 again to resume); 1 anything else. Every expected failure is one line naming its cause and the
 way forward, printed once.
@@ -69,12 +71,12 @@ def _verbatim(override: str) -> str:
     return f"{key}='{escaped}'"
 
 
-def load_config(config_name: str, overrides: list[str]) -> DictConfig:
+def load_config(config_name: str, overrides: list[str], config_dir: str = CONFIG_DIR) -> DictConfig:
     """The composed config; an unknown key or option is a UsageError naming it. THANN's configs
     are complete, so Hydra's ``+key=value`` (add a key) and ``~key`` (delete it) are refused: one
     would let a typo pass, the other leave a field the code reads undefined."""
     overrides = [_verbatim(o) for o in overrides]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         base = compose(config_name=config_name)
         for override in overrides:
             key = override.lstrip("+~").split("=", 1)[0]
@@ -191,41 +193,42 @@ _TRAINING_KEYS = ("train.steps", "train.global_batch_size", "train.micro_batch_s
 
 @dataclass(frozen=True)
 class EntryPoint:
-    """A training entry point: its task, its top-level config and what ``--help`` says."""
+    """A training entry point: its recipe, its top-level config and what ``--help`` says."""
 
-    task: str  # "module:Class"
+    recipe: str  # "module:Class", imported only when the entry point runs
     config_name: str
     program: str
     summary: str
     keys: tuple[str, ...]
     examples: tuple[str, ...]
+    config_dir: str = CONFIG_DIR  # a recipe from outside THANN keeps its config in its own folder
 
     def help(self) -> str:
         return help_text(self.program, self.config_name, self.summary, self.keys, self.examples)
 
 
 PRETRAIN = EntryPoint(
-    "thann.tasks.lm_pretrain:PretrainTask", "config", "pretrain_thann.py (thann-pretrain)",
+    "thann.recipes.pretrain:Pretrain", "config", "pretrain_thann.py (thann-pretrain)",
     "Pretrains a language model (model.arch: thann, nnn or gpt) on next-token prediction; resumes the newest "
     "checkpoint in checkpoint.dir.",
     ("train.seq_length", *_TRAINING_KEYS, "data.paths", "train.sample.prompt"),
     (".venv/bin/python pretrain_thann.py train.steps=50 train.lr=1e-3",
      ".venv/bin/torchrun --nproc-per-node 2 pretrain_thann.py parallel.tp=2 parallel.sp=true"))
 CONTRASTIVE = EntryPoint(
-    "thann.tasks.contrastive:ContrastiveTask", "contrastive", "pretrain_contrastive.py (thann-contrastive)",
+    "thann.recipes.contrastive:Contrastive", "contrastive", "pretrain_contrastive.py (thann-contrastive)",
     "Trains THANN as an embedding model with InfoNCE over the whole global batch (GradCache).",
     ("init_from", "train.seq_length", *_TRAINING_KEYS, "contrastive.pooling", "contrastive.temperature",
      "contrastive.hard_negatives"),
     (".venv/bin/python pretrain_contrastive.py init_from=checkpoints/thann_tiny",))
 CLASSIFY = EntryPoint(
-    "thann.tasks.classify:ClassifyTask", "classify", "train_classifier.py (thann-classify)",
+    "thann.recipes.classify:Classify", "classify", "train_classifier.py (thann-classify)",
     "Trains ChaosNet (or its matched MLP) on MNIST, Fashion-MNIST or 20 Newsgroups.",
-    ("classify.tasks", "classify.sequential", *_TRAINING_KEYS),
-    (".venv/bin/python train_classifier.py model=chaosnet_mlp classify.tasks=[newsgroups20]",))
+    ("classify.datasets", "classify.sequential", *_TRAINING_KEYS),
+    (".venv/bin/python train_classifier.py model=chaosnet_mlp classify.datasets=[newsgroups20]",))
 
 
-def run_task(entry: EntryPoint, argv: list[str] | None = None) -> None:
-    """Runs ``entry``'s task on the training loop; exits with the codes of EXIT_CODES."""
+def run_recipe(entry: EntryPoint, argv: list[str] | None = None) -> None:
+    """Runs ``entry``'s recipe on the training loop; exits with the codes of EXIT_CODES."""
     # Installed before anything heavy is imported, so that a signal during start-up is a clean
     # stop (exit 75), not a traceback.
     from thann.training.signals import StopRequest
@@ -236,10 +239,10 @@ def run_task(entry: EntryPoint, argv: list[str] | None = None) -> None:
         print(entry.help())
         sys.exit(0)
     try:
-        cfg = exit_on_bad_input(lambda: load_config(entry.config_name, argv))
+        cfg = exit_on_bad_input(lambda: load_config(entry.config_name, argv, entry.config_dir))
         # megatron-core logs every parameter name and config field at INFO.
         logging.getLogger("megatron").setLevel(logging.WARNING)
-        module, _, name = entry.task.partition(":")
+        module, _, name = entry.recipe.partition(":")
         code = _train(getattr(importlib.import_module(module), name), cfg, stop_request)
     except KeyboardInterrupt:
         print("aborted by a second Ctrl-C, without saving: the next start resumes from the last checkpoint",
@@ -248,7 +251,7 @@ def run_task(entry: EntryPoint, argv: list[str] | None = None) -> None:
     sys.exit(code)
 
 
-def _train(task_class, cfg: DictConfig, stop_request) -> int:
+def _train(recipe_class, cfg: DictConfig, stop_request) -> int:
     """Runs the training loop; an expected failure ends the run's output (progress bar and wandb
     closed first) with one line on stderr, its detail in the run's log."""
     from thann.checkpoint.checkpointer import CheckpointError
@@ -259,7 +262,7 @@ def _train(task_class, cfg: DictConfig, stop_request) -> int:
 
     rank = os.environ.get("RANK", "0")
     try:
-        trainer = Trainer(cfg, task_class, stop_request)
+        trainer = Trainer(cfg, recipe_class, stop_request)
     except (ConfigError, DirectoryInUse, PickledCheckpoint) as e:
         # Every rank runs the same checks on the same config (or learns the lock's outcome),
         # so every rank stops here, before any collective; one of them says why.
@@ -293,12 +296,12 @@ def _train(task_class, cfg: DictConfig, stop_request) -> int:
 
 
 def pretrain() -> None:
-    run_task(PRETRAIN)
+    run_recipe(PRETRAIN)
 
 
 def contrastive() -> None:
-    run_task(CONTRASTIVE)
+    run_recipe(CONTRASTIVE)
 
 
 def classify() -> None:
-    run_task(CLASSIFY)
+    run_recipe(CLASSIFY)

@@ -1,6 +1,6 @@
-"""Checks on the resolved config that every task shares, run on every rank before anything is
+"""Checks on the resolved config that every recipe shares, run on every rank before anything is
 built: the parallel layout against the world size, the training loop, the checkpoint directory.
-Each task adds the checks of its own model and data (``Task.check_config``).
+Each recipe adds the checks of its own models and data (``Recipe.check``).
 
 Each failure names the offending field, so a bad override is reported in one line instead of
 as an assertion deep inside megatron-core (or a hang in a collective on some ranks).

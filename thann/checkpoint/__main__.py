@@ -19,7 +19,7 @@ import tensorstore as ts
 import torch
 
 from thann.checkpoint import plain
-from thann.checkpoint.checkpointer import METADATA, find_checkpoints, read_metadata
+from thann.checkpoint.directory import METADATA, find_checkpoints, read_metadata
 from thann.checkpoint.zarr_store import (
     COMMON,
     PICKLED_COMMON,

@@ -1,12 +1,7 @@
 """Saving and resuming training from named stateful parts (thann.checkpoint.parts), the RNG
-streams of every rank and a description of the run.
-
-    <checkpoint.dir>/.lock                       held by the one run using the directory
-    <checkpoint.dir>/iter_0000100/               one directory per saved step (zarr or torch_dist inside)
-                     thann.json                  step, run id, layout, config, tokenizer, versions, time
-                     rng/rank_00000.json         each rank's RNG streams
-    <checkpoint.dir>/latest                      name of the newest complete checkpoint
-    <checkpoint.dir>/archive/<time>/             an earlier run's files, set aside, never removed
+streams of every rank (``iter_*/rng/rank_00000.json``) and a description of the run, in a run
+directory laid out as thann.checkpoint.directory says; what a run resumes is decided by
+thann.checkpoint.resume.
 
 A checkpoint is written under ``iter_*.tmp`` and renamed, and ``latest`` replaced, only after
 every rank has finished: a crash mid-save leaves the previous checkpoint as ``latest`` (and a
@@ -26,7 +21,6 @@ import random
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Callable
 
@@ -38,17 +32,23 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
 
 from thann.checkpoint import plain, zarr_store
+from thann.checkpoint.directory import (
+    LATEST,
+    METADATA,
+    Candidate,
+    find_checkpoints,
+    interrupted_saves,
+    iteration_dir,
+    latest_checkpoint,
+    read_metadata,
+    set_aside,
+)
 from thann.checkpoint.lock import DirectoryInUse, DirectoryLock
 from thann.checkpoint.parts import Part
-from thann.config import ConfigError
+from thann.checkpoint.resume import restores_rng
 
-LATEST = "latest"
-METADATA = "thann.json"
 # Room kept free beyond a checkpoint's own size when checking the disk before a save.
 _FREE_SPACE_MARGIN = 1.05
-
-
-ARCHIVE = "archive"
 
 
 class CheckpointError(RuntimeError):
@@ -58,44 +58,6 @@ class CheckpointError(RuntimeError):
     def __init__(self, message: str, detail: str | None = None):
         super().__init__(message)
         self.detail = detail
-
-
-def set_aside(root: str, names: list[str]) -> str:
-    """Moves ``names`` (entries of ``root``) into a new ``root/archive/<time>/``; returns it."""
-    base = os.path.join(root, ARCHIVE, time.strftime("%Y%m%d-%H%M%S"))
-    target, n = base, 1
-    while os.path.exists(target):
-        n += 1
-        target = f"{base}-{n}"
-    os.makedirs(target)
-    for name in names:
-        os.replace(os.path.join(root, name), os.path.join(target, name))
-    return target
-
-
-def interrupted_saves(root: str) -> list[str]:
-    """``iter_*.tmp`` directories: saves that never completed (a killed or aborted run)."""
-    if not os.path.isdir(root):
-        return []
-    return sorted(n for n in os.listdir(root) if n.startswith("iter_") and n.endswith(".tmp"))
-
-
-def iteration_dir(root: str, step: int) -> str:
-    return os.path.join(root, f"iter_{step:07d}")
-
-
-def latest_checkpoint(root: str) -> str | None:
-    """The checkpoint ``latest`` names, if the file exists (whether or not that checkpoint does)."""
-    path = os.path.join(root, LATEST)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return os.path.join(root, f.read().strip())
-
-
-def read_metadata(path: str) -> dict:
-    with open(os.path.join(path, METADATA)) as f:
-        return json.load(f)
 
 
 def _version(package: str) -> str:
@@ -126,45 +88,6 @@ def _set_rng_state(state: dict) -> None:
 
 def _rng_file(rank: int) -> str:
     return os.path.join("rng", f"rank_{rank:05d}.json")
-
-
-@dataclass
-class Candidate:
-    """A complete checkpoint a run could resume from."""
-    path: str
-    metadata: dict
-    notes: list[str] = field(default_factory=list)  # why it was chosen over `latest`
-
-    @property
-    def step(self) -> int:
-        return self.metadata["step"]
-
-
-def find_checkpoints(root: str) -> list[Candidate]:
-    """Complete checkpoints under ``root``, the one ``latest`` names first when it is one of
-    them, then the others newest first (by the time they were saved)."""
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in sorted(os.listdir(root)):
-        path = os.path.join(root, name)
-        if not name.startswith("iter_") or name.endswith(".tmp") or not os.path.isdir(path):
-            continue
-        try:
-            found.append(Candidate(path, read_metadata(path)))
-        except (OSError, ValueError):
-            continue  # no readable thann.json: not a complete checkpoint
-    found.sort(key=lambda c: (c.metadata.get("saved_at_unix", 0.0), c.step), reverse=True)
-    named = latest_checkpoint(root)
-    first = next((c for c in found if named and os.path.basename(c.path) == os.path.basename(named)), None)
-    if first is not None:
-        found.remove(first)
-        return [first] + found
-    if found:
-        reason = (f"'{LATEST}' names {os.path.basename(named)}, which is missing or incomplete" if named
-                  else f"there is no '{LATEST}' file")
-        found[0].notes.append(reason)
-    return found
 
 
 class Checkpointer:
@@ -307,14 +230,9 @@ class Checkpointer:
 
     # -- load -----------------------------------------------------------------------------------
 
-    def load(self, path: str, tokenizer: dict | None, layout: dict) -> dict:
+    def load(self, path: str, layout: dict) -> dict:
         """Collective. Loads every part from ``path``; returns its metadata."""
         metadata = read_metadata(path)
-        saved = metadata["tokenizer"]
-        if (saved and saved["fingerprint"]) != (tokenizer and tokenizer["fingerprint"]):
-            raise ConfigError("data.tokenizer", tokenizer and f"{tokenizer['type']}:{tokenizer['model']}",
-                              f"the checkpoint {path} was trained with tokenizer {saved}, whose token ids mean "
-                              "other strings; use its tokenizer or another checkpoint.dir")
         states = {name: part.state(is_loading=True) for name, part in self.parts.items()}
         if metadata["format"] == "zarr":
             loaded = zarr_store.load(states, path)
@@ -322,8 +240,7 @@ class Checkpointer:
             loaded = dist_checkpointing.load(states, path)
         for name, part in self.parts.items():
             part.load(loaded[name])
-        # RNG streams belong to ranks: restored only when the layout is the one that saved them.
-        if metadata["layout"] == layout and metadata["world_size"] == dist.get_world_size():
+        if restores_rng(metadata, layout, dist.get_world_size()):
             rng = _rng_file(dist.get_rank())
             if metadata["format"] == "zarr":
                 _set_rng_state(zarr_store.read_plain(path, rng))
@@ -331,7 +248,7 @@ class Checkpointer:
                 _set_rng_state(plain.load(os.path.join(path, rng)))
         return metadata
 
-    def resume(self, candidates: list[Candidate], tokenizer: dict | None, layout: dict) -> Candidate | None:
+    def resume(self, candidates: list[Candidate], layout: dict) -> Candidate | None:
         """Loads the first candidate that verifies; says which one and why when it is not the one
         ``latest`` names. None when there is nothing to resume."""
         if not candidates:
@@ -339,7 +256,7 @@ class Checkpointer:
         skipped = []
         for candidate in candidates:
             try:
-                self.load(candidate.path, tokenizer, layout)
+                self.load(candidate.path, layout)
             except zarr_store.CorruptCheckpoint as e:  # verified collectively: every rank is here
                 skipped.append(f"{os.path.basename(candidate.path)}: {e}")
                 continue

@@ -1,9 +1,10 @@
 """The named stateful parts a checkpoint is made of.
 
 A part gives the checkpointer a state dict to write (megatron-core ShardedTensors and plain
-data) and takes the loaded one back. The trainer registers its model, optimizer, schedule and
-its own position; a task adds what else it owns (a PPO task: an actor and a critic, each with
-its optimizer). Parts after the first model carry a key prefix so their arrays never collide.
+data) and takes the loaded one back. The trainer registers, for every trainable slot, its model,
+optimizer and schedule (named ``model``, ``optimizer``, ``scheduler`` for the recipe's primary
+slot, ``<slot>.model`` and so on for the others, whose arrays carry the ``<slot>.`` prefix so
+that they never collide), its own position, and the recipe's plain state.
 """
 
 from typing import Callable, Protocol

@@ -1,5 +1,5 @@
 """Checks of a data config for indexed datasets (``data.paths`` and friends); each failure
-names the field. Tasks that read indexed datasets run them before anything is built."""
+names the field. Recipes that read indexed datasets run them before anything is built."""
 
 import os
 import warnings
@@ -31,7 +31,7 @@ def check_prompt_template(data: DictConfig) -> None:
 
 
 def check_data(data: DictConfig) -> Tokenizer:
-    """Checks ``data`` and returns its tokenizer (loaded once, for the task to keep)."""
+    """Checks ``data`` and returns its tokenizer (loaded once, for the recipe to keep)."""
     from thann.data.datasets import LOSS_MASKS, dataset_tokenizer
     from thann.data.preprocess import loss_mask_prefix
 

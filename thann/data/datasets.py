@@ -1,16 +1,9 @@
-"""Training and validation data: megatron-core's GPTDataset over indexed datasets, and the
-order in which micro-batches reach each data-parallel rank.
-
-Sample order follows Megatron-LM's pretraining sampler: global batch g holds samples
-[g*G, (g+1)*G); its m-th micro-batch on data-parallel rank r holds the M samples starting at
-g*G + (m*D + r)*M (G global batch, M micro-batch, D data-parallel size). Any layout therefore
-sees the same samples per step, and the position is one number: consumed samples.
-"""
+"""Training and validation data of language models: megatron-core's GPTDataset over indexed
+datasets, in the one data-parallel sample order (thann.data.order)."""
 
 import copy
 import json
 import os
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -19,22 +12,11 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from thann.data.order import SampleOrder
 from thann.data.preprocess import loss_mask_prefix
 from thann.data.tokenizer import Tokenizer
 
 LOSS_MASKS = ("all", "assistant")
-
-
-@dataclass
-class Batching:
-    global_batch_size: int
-    micro_batch_size: int
-    dp_size: int
-    dp_rank: int
-
-    @property
-    def num_microbatches(self) -> int:
-        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
 
 
 class AssistantMaskedGPTDataset(GPTDataset):
@@ -97,12 +79,6 @@ def _collate(samples: list[dict]) -> dict:
     return {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask", "position_ids")}
 
 
-def micro_batches(dataset, batching: Batching, consumed_samples: int = 0) -> Iterator[dict]:
+def micro_batches(dataset, order: SampleOrder, consumed_samples: int = 0) -> Iterator[dict]:
     """Endless micro-batches for this data-parallel rank, starting after ``consumed_samples``."""
-    M, D, r = batching.micro_batch_size, batching.dp_size, batching.dp_rank
-    step_start = consumed_samples
-    while True:
-        for m in range(batching.num_microbatches):
-            first = step_start + (m * D + r) * M
-            yield _collate([dataset[(first + i) % len(dataset)] for i in range(M)])
-        step_start += batching.global_batch_size
+    return order.micro_batches(consumed_samples, lambda samples: _collate([dataset[i % len(dataset)] for i in samples]))

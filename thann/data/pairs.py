@@ -12,14 +12,14 @@ Two sources (``data.kind``):
 A sample is a dict of token lists (query, positive, negatives); a micro-batch stacks M samples
 as one [M·(2+K), S] batch of texts (queries, then positives, then K hard negatives per query),
 right-padded with the end-of-document token, with their lengths. Samples reach data-parallel
-ranks in Megatron-LM's order, as thann.data.datasets does: the position is consumed samples.
+ranks in the one order (thann.data.order): the position is consumed samples.
 """
 
 import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from thann.data.datasets import Batching
+from thann.data.order import SampleOrder
 
 KINDS = ("pairs", "spans")
 
@@ -104,13 +104,8 @@ def collate(samples: list[dict], seq_length: int, eod: int) -> dict:
                      + [n for s in samples for n in s["negatives"]], seq_length, eod)
 
 
-def pair_batches(dataset, batching: Batching, consumed_samples: int, seed: int, seq_length: int, eod: int):
+def pair_batches(dataset, order: SampleOrder, consumed_samples: int, seed: int, seq_length: int, eod: int):
     """Endless micro-batches of pairs for this data-parallel rank, after ``consumed_samples``."""
     sample = Sampler(len(dataset), seed)
-    M, D, r = batching.micro_batch_size, batching.dp_size, batching.dp_rank
-    step_start = consumed_samples
-    while True:
-        for m in range(batching.num_microbatches):
-            first = step_start + (m * D + r) * M
-            yield collate([dataset[sample(first + i)] for i in range(M)], seq_length, eod)
-        step_start += batching.global_batch_size
+    return order.micro_batches(consumed_samples,
+                               lambda samples: collate([dataset[sample(i)] for i in samples], seq_length, eod))

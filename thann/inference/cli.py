@@ -10,16 +10,14 @@ import logging
 import os
 import sys
 
-import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from thann.cli import exit_if_help, exit_on_bad_input, load_config
 from thann.config import ConfigError, check_parallel, require
 from thann.data.chat import encode_prompt
-from thann.data.tokenizer import padded_vocab_size
 from thann.inference.generator import Generation, Generator
-from thann.inference.loading import checkpoint_path, load_weights, saved_config, saved_run, saved_tokenizer
+from thann.inference.load import build_from_checkpoint, check_layout, saved, saved_tokenizer, slot_record
 from thann.inference.sampling import SamplingParams
 from thann.outputs import atomic_write, check_output
 
@@ -59,9 +57,9 @@ def _sampling(cfg: DictConfig) -> SamplingParams:
     return params
 
 
-def _saved(cfg: DictConfig) -> tuple[str, dict, DictConfig]:
-    """(path, metadata, saved config) of ``load``: a checkpoint, or an NNN packed export (whose
-    metadata holds the model config and the tokenizer, not a sequence length)."""
+def _saved(cfg: DictConfig) -> tuple[str, dict, dict]:
+    """(path, metadata, the model's slot record) of ``load``: a checkpoint, or an NNN packed
+    export (whose metadata holds the model config and the tokenizer, not a sequence length)."""
     if os.path.isfile(str(cfg.load)):
         from thann.models.nnn.pack import packed_metadata
 
@@ -71,24 +69,24 @@ def _saved(cfg: DictConfig) -> tuple[str, dict, DictConfig]:
             raise ConfigError("load", cfg.load, str(e).split(": ", 1)[-1]) from None
         require(all(cfg.parallel[k] == 1 for k in ("tp", "pp", "ep")), "parallel", dict(cfg.parallel),
                 "a packed export is generated from on one rank")
-        model = json.loads(packed["model_config"])
-        metadata = {"tokenizer": json.loads(packed["tokenizer"]), "config": {"model": model}}
-        return str(cfg.load), metadata, OmegaConf.create({"model": model, "train": {"seq_length": None}})
-    path = checkpoint_path(str(cfg.load), "load")
-    metadata = saved_run(path, "load")
-    return path, metadata, saved_config(metadata)
+        metadata = {"tokenizer": json.loads(packed["tokenizer"])}
+        return str(cfg.load), metadata, {"args": json.loads(packed["model_config"]), "seq_length": None}
+    path, metadata = saved(str(cfg.load), "load")
+    record = slot_record(metadata)
+    check_layout(record, cfg.parallel)
+    return path, metadata, record
 
 
 def _prepare(cfg: DictConfig):
     """Every check that needs no model: the checkpoint, its tokenizer, the prompts, sampling, the output."""
-    path, metadata, saved = _saved(cfg)
+    path, metadata, record = _saved(cfg)
     tokenizer = saved_tokenizer(metadata, cfg.tokenizer, "tokenizer")
     params = _sampling(cfg)
     require(isinstance(cfg.batch_size, int) and cfg.batch_size > 0, "batch_size", cfg.batch_size,
             "must be a positive integer")
     texts = _prompts(cfg)
     template = "chat" if cfg.chat else "{prompt}"
-    budget = cfg.max_sequence_length or saved.train.seq_length
+    budget = cfg.max_sequence_length or record["seq_length"]
     require(budget is not None, "max_sequence_length", None, "give it for a packed export (it records no sequence length)")
     prompts = []
     for i, text in enumerate(texts):
@@ -99,32 +97,18 @@ def _prepare(cfg: DictConfig):
                 f"is {len(prompts[-1])} tokens; max_sequence_length={budget} leaves no room for a new token")
     if cfg.output is not None:
         check_output(str(cfg.output), force=cfg.force, inputs={"prompts_file": cfg.prompts_file, "load": cfg.load})
-    return path, saved, tokenizer, params, texts, prompts, budget
+    return path, record, tokenizer, params, texts, prompts, budget
 
 
-def _build(cfg: DictConfig, saved: DictConfig, tokenizer, path: str, dp: int):
-    from megatron.core import parallel_state
-
-    from thann.models import language
+def _build(cfg: DictConfig, record: dict, path: str, dp: int):
     from thann.parallel import state
 
+    layout = state.initialize(cfg.parallel, dp, cfg.seed)
     if os.path.isfile(path):  # an NNN packed export: ternary weights, one rank
         from thann.models.nnn.pack import load_packed
 
-        layout = state.initialize(cfg.parallel, dp, cfg.seed)
         return [load_packed(path).to(state.device())], layout
-    family = language.family(saved.model)
-    family.check(saved.model, cfg.parallel, "none")
-    layout = state.initialize(cfg.parallel, dp, cfg.seed)
-    bf16 = torch.cuda.is_available() if cfg.precision == "auto" else cfg.precision == "bf16"
-    config = family.transformer_config(saved.model, cfg.parallel, bf16=bf16)
-    model = family.build(config, saved.model, padded_vocab_size(tokenizer.vocab_size, layout.tp),
-                         saved.train.seq_length, parallel_state.is_pipeline_first_stage(),
-                         parallel_state.is_pipeline_last_stage()).to(state.device())
-    if bf16:
-        model = model.to(torch.bfloat16)
-    load_weights([model], path)
-    return [model], layout
+    return build_from_checkpoint(path, record, cfg.parallel, cfg.precision), layout
 
 
 def _record(index: int, text: str, result: Generation) -> dict:
@@ -151,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     def prepare():
         cfg = load_config("generate", argv)
         dp = check_parallel(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")))
-        path, saved, tokenizer, params, texts, prompts, budget = _prepare(cfg)
-        return cfg, dp, tokenizer, params, texts, prompts, budget, *_build(cfg, saved, tokenizer, path, dp)
+        path, record, tokenizer, params, texts, prompts, budget = _prepare(cfg)
+        return cfg, dp, tokenizer, params, texts, prompts, budget, *_build(cfg, record, path, dp)
 
     cfg, dp, tokenizer, params, texts, prompts, budget, chunks, layout = exit_on_bad_input(prepare)
     from megatron.core import parallel_state
@@ -160,11 +144,11 @@ def main(argv: list[str] | None = None) -> None:
     from thann.parallel import state
 
     generator = Generator(chunks, tokenizer, budget)
-    # Data-parallel ranks share out the prompts, except under expert parallelism: its groups span
-    # data-parallel ranks, whose steps must then match one for one, so each runs every prompt.
-    shares = dp if layout.ep == 1 else 1
-    share = parallel_state.get_data_parallel_rank() if shares > 1 else 0
-    mine = list(range(share * cfg.batch_size, len(prompts), shares * cfg.batch_size))
+    # Data-parallel ranks share out the batches; every rank makes the same number of generate
+    # calls (the generator's steps are collective), a rank without prompts left generating its
+    # first batch again and dropping the results.
+    rounds = -(-len(prompts) // (dp * cfg.batch_size))
+    firsts = [(r * dp + layout.dp_rank) * cfg.batch_size for r in range(rounds)]
     stream = cfg.prompt is not None and cfg.output is None and rank0
     shown = {"chars": 0}
 
@@ -175,10 +159,13 @@ def main(argv: list[str] | None = None) -> None:
     if stream:
         print(texts[0], end="", flush=True)
     records = []
-    for first in mine:
-        batch = prompts[first:first + cfg.batch_size]
-        results = generator.generate(batch, params, first_index=first, on_token=print_new_text if stream else None)
-        records += [_record(first + i, texts[first + i], r) for i, r in enumerate(results)]
+    for first in firsts:
+        kept = first < len(prompts)
+        start = first if kept else firsts[0] % len(prompts)
+        batch = prompts[start:start + cfg.batch_size]
+        results = generator.generate(batch, params, first_index=start, on_token=print_new_text if stream else None)
+        if kept:
+            records += [_record(first + i, texts[first + i], r) for i, r in enumerate(results)]
     gathered = [None] * dp
     dist.all_gather_object(gathered, records, group=parallel_state.get_data_parallel_group())
     records = sorted({r["index"]: r for part in gathered for r in part}.values(), key=lambda r: r["index"])

@@ -17,9 +17,8 @@ from omegaconf import DictConfig
 from thann.cli import exit_if_help, exit_on_bad_input, load_config
 from thann.config import ConfigError, check_parallel, require
 from thann.data.pairs import fit_text
-from thann.data.tokenizer import padded_vocab_size
 from thann.inference.embedding import embed_texts
-from thann.inference.loading import checkpoint_path, load_weights, saved_config, saved_run, saved_tokenizer
+from thann.inference.load import build_from_checkpoint, check_layout, saved, saved_tokenizer, slot_record
 from thann.outputs import atomic_write, check_output
 
 
@@ -50,28 +49,26 @@ def _outputs(cfg: DictConfig) -> tuple[str, str]:
     return f"{cfg.output}.npy", f"{cfg.output}.ids.json"
 
 
-def _build(cfg: DictConfig, saved: DictConfig, tokenizer, path: str, dp: int):
-    from megatron.core import parallel_state
+def encoder_record(record: dict, load: str) -> dict:
+    """The checkpoint's model as an encoder: a contrastive one as trained; a language model's
+    decoder as the mean of its final hidden states over a text's real tokens (said once)."""
+    arch = record["args"].get("arch", "thann")
+    if arch == "thann_encoder":
+        return record
+    require(arch == "thann", "load", load, f"holds a {arch} model; thann-embed reads THANN checkpoints")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{load} is a language model: its embeddings are the mean of its final hidden states over each "
+              "text's tokens", file=sys.stderr)
+    args = {**record["args"], "arch": "thann_encoder", "pooling": "mean", "projection_dim": None,
+            "learnt_temperature": None}
+    return {**record, "args": args}
 
-    from thann.models.thann.checks import check_layout
-    from thann.models.thann.encoder import ThannEncoder
-    from thann.models.thann.model import transformer_config
+
+def _build(cfg: DictConfig, record: dict, path: str, dp: int):
     from thann.parallel import state
 
-    require("contrastive" in saved, "load", cfg.load, "is not a contrastive (embedding) checkpoint")
-    check_layout(saved.model, cfg.parallel)
     layout = state.initialize(cfg.parallel, dp, 0)
-    bf16 = torch.cuda.is_available() if cfg.precision == "auto" else cfg.precision == "bf16"
-    c = saved.contrastive
-    model = ThannEncoder(transformer_config(saved.model, cfg.parallel, bf16=bf16), saved.model,
-                         padded_vocab_size(tokenizer.vocab_size, layout.tp), saved.train.seq_length, c.pooling,
-                         c.projection_dim, c.temperature if c.learnable_temperature else None,
-                         pre_process=parallel_state.is_pipeline_first_stage(),
-                         post_process=parallel_state.is_pipeline_last_stage()).to(state.device())
-    if bf16:
-        model = model.to(torch.bfloat16)
-    load_weights([model], path)
-    return [model.eval()], layout
+    return build_from_checkpoint(path, record, cfg.parallel, cfg.precision), layout
 
 
 HELP = dict(
@@ -91,9 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     def prepare():
         cfg = load_config("embed", argv)
         dp = check_parallel(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")))
-        path = checkpoint_path(str(cfg.load), "load")
-        metadata = saved_run(path, "load")
-        saved = saved_config(metadata)
+        path, metadata = saved(str(cfg.load), "load")
         tokenizer = saved_tokenizer(metadata, None, "load")
         ids, texts = _inputs(cfg.input)
         require(isinstance(cfg.batch_size, int) and cfg.batch_size > 0, "batch_size", cfg.batch_size,
@@ -101,16 +96,18 @@ def main(argv: list[str] | None = None) -> None:
         require(cfg.output is not None, "output", None, "give the path prefix of OUTPUT.npy and OUTPUT.ids.json")
         for output in _outputs(cfg):
             check_output(output, force=cfg.force, inputs={"input": cfg.input, "load": cfg.load})
-        return cfg, dp, saved, tokenizer, ids, texts, *_build(cfg, saved, tokenizer, path, dp)
+        record = encoder_record(slot_record(metadata), cfg.load)
+        check_layout(record, cfg.parallel)
+        return cfg, dp, record, tokenizer, ids, texts, *_build(cfg, record, path, dp)
 
-    cfg, dp, saved, tokenizer, ids, texts, chunks, layout = exit_on_bad_input(prepare)
+    cfg, dp, record, tokenizer, ids, texts, chunks, layout = exit_on_bad_input(prepare)
     from megatron.core import parallel_state
 
     from thann.parallel import state
 
-    seq = saved.train.seq_length
+    seq, args = record["seq_length"], record["args"]
     tokens = [fit_text(tokenizer.encode(text), seq, tokenizer.eod) for text in texts]
-    dim = saved.contrastive.projection_dim or saved.model.hidden_size
+    dim = args["projection_dim"] or args["hidden_size"]
     # Data-parallel ranks share out the texts, except under expert parallelism (its groups span
     # data-parallel ranks, whose steps must match one for one).
     shares = dp if layout.ep == 1 else 1

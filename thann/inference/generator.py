@@ -15,6 +15,13 @@ token until the whole batch is done; their outputs are ignored.
 Sequence parallelism splits sequences over tensor-parallel ranks, and a step of one token cannot
 be split: while generating, the model runs with sequence parallelism off (the same weights; only
 the communication changes) and it is switched back afterwards.
+
+Every rank of the run takes the same steps: expert parallelism exchanges tokens between
+data-parallel ranks inside each step, so ranks holding different prompts (other lengths, other
+stopping points) still agree on where prefilling ends, on the cache's length and on when the last
+sequence of any rank is done (a few-number all-reduce per step). Callers make the same number of
+``generate`` calls on every rank (thann.inference.cli gives a rank without prompts left a batch
+whose results it drops).
 """
 
 import contextlib
@@ -30,7 +37,7 @@ from megatron.core.utils import unwrap_model
 
 from thann.data.tokenizer import Tokenizer
 from thann.inference.sampling import SamplingParams, choose, row_generator
-from thann.parallel import cpu_accommodations, state
+from thann.parallel import megatron_patches, state
 
 
 @dataclass
@@ -113,7 +120,7 @@ class Generator:
                 set_model_to_sequence_parallel(module, False)
         try:
             # megatron-core's pipeline schedule allocates on "cuda": only one stage runs unintercepted
-            with contextlib.nullcontext() if self.pipelined else cpu_accommodations.function_mode_suspended():
+            with contextlib.nullcontext() if self.pipelined else megatron_patches.function_mode_suspended():
                 yield
         finally:
             if sequence_parallel:
@@ -136,9 +143,9 @@ class Generator:
         streams = [row_generator(params.seed, first_index + i) for i in range(len(prompts))]
         lengths = [len(p) for p in prompts]
         B, device = len(prompts), state.device()
-        end = min(self.max_sequence_length, max(lengths) + params.max_new_tokens)
+        prefill, end = self._agree(min(lengths), min(self.max_sequence_length, max(lengths) + params.max_new_tokens))
         contexts = {id(chunk): unwrap_model(chunk).new_inference_context(B, end) for chunk in self.chunks}
-        fed = torch.tensor([p[:min(lengths)] for p in prompts], device=device)
+        fed = torch.tensor([p[:prefill] for p in prompts], device=device)
         offset, finished = 0, [False] * B
         with self._decoding():
             while True:
@@ -169,10 +176,25 @@ class Generator:
                         next_tokens.append(int(chosen[i]))
                         if on_token is not None:
                             on_token(i, result)
-                if all(finished) or offset >= end:
+                if offset >= end or self._all_done(all(finished)):
                     break
                 fed = torch.tensor(next_tokens, device=device).unsqueeze(1)
         return results
+
+    def _agree(self, prefill: int, end: int) -> tuple[int, int]:
+        """The shortest prefill and the longest cache any rank needs."""
+        if dist.get_world_size() == 1:
+            return prefill, end
+        values = torch.tensor([-prefill, end], device=state.device())
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return -int(values[0]), int(values[1])
+
+    def _all_done(self, done: bool) -> bool:
+        if dist.get_world_size() == 1:
+            return done
+        flag = torch.tensor([1.0 if done else 0.0], device=state.device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def _append(self, result: Generation, token: int, logprob: float, params: SamplingParams, full: bool) -> None:
         result.tokens.append(token)

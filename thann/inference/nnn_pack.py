@@ -6,16 +6,14 @@ loaded."""
 
 import argparse
 import os
-from types import SimpleNamespace
 
+from megatron.core.utils import unwrap_model
 from omegaconf import OmegaConf
 
 from thann.cli import exit_on_bad_input
 from thann.config import require
-from thann.data.tokenizer import padded_vocab_size
-from thann.inference.loading import checkpoint_path, load_weights, saved_config, saved_run, saved_tokenizer
+from thann.inference.load import build_from_checkpoint, saved, saved_tokenizer, slot_record
 from thann.models.nnn.bitlinear import BitLinear
-from thann.models.nnn.model import NNNModel, nnn_transformer_config
 from thann.models.nnn.pack import export_packed
 from thann.outputs import atomic_write, check_output
 from thann.parallel import state
@@ -30,21 +28,18 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     def prepare():
-        path = checkpoint_path(args.checkpoint)
+        path, metadata = saved(args.checkpoint, "checkpoint")
         check_output(args.out, force=args.force, inputs={"checkpoint": path}, field="out", force_flag="--force")
-        metadata = saved_run(path)
         tokenizer = saved_tokenizer(metadata, None, "checkpoint")
-        saved = saved_config(metadata)
-        arch = saved.model.get("arch", "thann")
+        record = slot_record(metadata)
+        arch = record["args"].get("arch", "thann")
         require(arch == "nnn", "checkpoint", path, f"holds a {arch} model, not an NNN")
-        return path, tokenizer, saved
+        return path, record, tokenizer
 
-    path, tokenizer, saved = exit_on_bad_input(prepare)
-    single = SimpleNamespace(tp=1, pp=1, ep=1, etp=1, sp=False)
-    state.initialize(OmegaConf.create(vars(single)), dp=1, seed=0)
-    model = NNNModel(nnn_transformer_config(saved.model, single, bf16=False), saved.model,
-                     padded_vocab_size(tokenizer.vocab_size, 1))
-    load_weights([model], path)
+    path, record, tokenizer = exit_on_bad_input(prepare)
+    single = OmegaConf.create({"tp": 1, "pp": 1, "ep": 1, "etp": 1, "sp": False, "distributed_optimizer": False})
+    state.initialize(single, dp=1, seed=0)
+    model = unwrap_model(build_from_checkpoint(path, record, single, precision="fp32")[0])
     with atomic_write(args.out) as temporary:
         export_packed(model, temporary, tokenizer.identity)
     fp32 = sum(t.numel() * 4 for t in model.state_dict().values())

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from thann.parallel import cpu_accommodations, te_fallback
+from thann.parallel import megatron_patches
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,16 @@ class Layout:
 
     def describe(self) -> str:
         return f"tp{self.tp}·pp{self.pp}·ep{self.ep}·etp{self.etp}·dp{self.dp}" + ("·sp" if self.sp else "")
+
+    def num_microbatches(self, global_batch_size: int, micro_batch_size: int) -> int:
+        """Micro-batches per step on each data-parallel rank (thann.config.check_train checks that
+        the global batch divides)."""
+        return global_batch_size // (micro_batch_size * self.dp)
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's index among the data-parallel replicas (process groups must exist)."""
+        return parallel_state.get_data_parallel_rank()
 
 
 def world_size_from_env() -> int:
@@ -47,8 +57,7 @@ def _free_port() -> int:
 
 def initialize(parallel_cfg, dp: int, seed: int, timeout_minutes: int = 10) -> Layout:
     """Joins the process group, builds megatron-core's groups and seeds every RNG stream."""
-    cpu_accommodations.install()
-    te_fallback.install()
+    megatron_patches.install()
     if not dist.is_initialized():
         options = {"timeout": datetime.timedelta(minutes=timeout_minutes), "backend": "gloo"}
         if torch.cuda.is_available():
@@ -83,5 +92,4 @@ def destroy() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-    te_fallback.uninstall()
-    cpu_accommodations.uninstall()
+    megatron_patches.uninstall()

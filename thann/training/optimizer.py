@@ -9,27 +9,28 @@ distributed optimizer (0.16 to 0.19) are handled here: its state_dict() asserts 
 optimizer, so the state is created up front (exactly what Adam's first step would create), and
 loading the model-space ("fully_reshardable") checkpoint form copies every state tensor it finds,
 the step included, from a source that has none (KeyError: 'step'), so the step is set aside
-during that copy; megatron-core then restores the step from the param groups as one tensor
-shared by every parameter, which torch's foreach Adam would increment once per parameter, so
+during that copy (item B of thann.parallel.megatron_patches); megatron-core then restores the
+step from the param groups as one tensor shared by every parameter, which torch's foreach Adam would increment once per parameter, so
 each parameter gets its own copy back (``unshare_adam_steps``, after loading).
 """
 
 import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 
-def build_optimizer(train_cfg, distributed_optimizer: bool, model_chunks, bf16: bool):
+def build_optimizer(optim_cfg, steps: int, distributed_optimizer: bool, model_chunks, bf16: bool):
+    """``optim_cfg``: lr, min_lr, weight_decay, adam_beta1, adam_beta2, clip_grad, warmup_steps and
+    schedule (train.* for a recipe's main model); ``steps``: the iterations the schedule spans."""
     config = OptimizerConfig(
         optimizer="adam",
-        lr=train_cfg.lr,
-        min_lr=train_cfg.min_lr,
-        weight_decay=train_cfg.weight_decay,
-        adam_beta1=train_cfg.adam_beta1,
-        adam_beta2=train_cfg.adam_beta2,
+        lr=optim_cfg.lr,
+        min_lr=optim_cfg.min_lr,
+        weight_decay=optim_cfg.weight_decay,
+        adam_beta1=optim_cfg.adam_beta1,
+        adam_beta2=optim_cfg.adam_beta2,
         adam_eps=1e-8,
-        clip_grad=train_cfg.clip_grad,
+        clip_grad=optim_cfg.clip_grad,
         bf16=bf16,
         use_distributed_optimizer=distributed_optimizer,
     )
@@ -40,14 +41,14 @@ def build_optimizer(train_cfg, distributed_optimizer: bool, model_chunks, bf16: 
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
-        max_lr=train_cfg.lr,
-        min_lr=train_cfg.min_lr,
-        lr_warmup_steps=train_cfg.warmup_steps,
-        lr_decay_steps=train_cfg.steps,
-        lr_decay_style=train_cfg.schedule,
-        start_wd=train_cfg.weight_decay,
-        end_wd=train_cfg.weight_decay,
-        wd_incr_steps=train_cfg.steps,
+        max_lr=optim_cfg.lr,
+        min_lr=optim_cfg.min_lr,
+        lr_warmup_steps=optim_cfg.warmup_steps,
+        lr_decay_steps=steps,
+        lr_decay_style=optim_cfg.schedule,
+        start_wd=optim_cfg.weight_decay,
+        end_wd=optim_cfg.weight_decay,
+        wd_incr_steps=steps,
         wd_incr_style="constant",
         # On resume the schedule follows this run's config; only the step count is restored.
         override_opt_param_scheduler=True,
@@ -103,22 +104,15 @@ def unshare_adam_steps(optimizer) -> None:
                 state["step"] = state["step"].clone()
 
 
-def _load_states_without_step(set_states):
-    def load(self, model_param, tensors):
-        group_index, group_order = self.model_param_group_index_map[model_param]
-        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
-        step = state.pop("step", None)
-        try:
-            set_states(self, model_param, tensors)
-        finally:
-            if step is not None:
-                state["step"] = step
-
-    load.thann_wrapped = True
-    return load
-
-
-if not getattr(DistributedOptimizer._set_main_param_and_optimizer_states, "thann_wrapped", False):
-    DistributedOptimizer._set_main_param_and_optimizer_states = _load_states_without_step(
-        DistributedOptimizer._set_main_param_and_optimizer_states
-    )
+def main_params_follow_model(optimizer) -> None:
+    """Carries writes made to the model's bf16 parameters outside the optimizer into its fp32 main
+    copies (distributed or not): the elements a write changed take the new value, the others keep
+    their fp32 bits (megatron-core's reload_model_params would round every main weight to bf16).
+    With fp32 parameters the optimizer steps the model's own tensors: nothing to carry."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(inner, "_get_model_and_main_params_data_float16"):
+            continue
+        for model, main in zip(*inner._get_model_and_main_params_data_float16()):
+            if main is not None:
+                changed = main.to(model.dtype) != model
+                main.copy_(torch.where(changed, model.float(), main))

@@ -11,6 +11,7 @@ from thann.models.chaosnet.model import (
     ChaosNetClassifier,
     chaosnet_transformer_config,
     check_layout,
+    classifier_size,
     check_model_config,
     num_parameters,
 )
@@ -24,6 +25,6 @@ def build_classifier(config, model_cfg):
 
 
 __all__ = [
-    "ChaosNeurons", "ChaosNetClassifier", "MLPBaselineClassifier", "build_classifier", "chaosnet_transformer_config",
+    "ChaosNeurons", "ChaosNetClassifier", "MLPBaselineClassifier", "build_classifier", "chaosnet_transformer_config", "classifier_size",
     "check_layout", "check_model_config", "matched_hidden_width", "mlp_num_parameters", "num_parameters",
 ]

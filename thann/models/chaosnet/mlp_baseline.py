@@ -21,7 +21,7 @@ Shapes: B batch, I input width, T ticks (mask draws), H hidden width, C classes.
 import torch
 
 from thann.models.chaosnet.model import (
-    TaskClassifier,
+    Classifier,
     build_heads,
     classify,
     frontend_parameters,
@@ -39,13 +39,13 @@ def mlp_num_parameters(model_cfg, hidden: int) -> int:
 def matched_hidden_width(model_cfg) -> int:
     """The hidden width H whose parameter count is closest to ChaosNet's. The count is linear in
     H, so the error is at most half the cost of one hidden unit."""
-    classes = sum(task.num_classes for task in model_cfg.tasks.values())
+    classes = sum(head.num_classes for head in model_cfg.heads.values())
     fixed = mlp_num_parameters(model_cfg, 0)
     per_unit = model_cfg.input_width + 1 + classes
     return max(1, round((num_parameters(model_cfg) - fixed) / per_unit))
 
 
-class MLPBaselineClassifier(TaskClassifier):
+class MLPBaselineClassifier(Classifier):
     def __init__(self, config, model_cfg):
         super().__init__(config, model_cfg)
         factory = parameter_factory(config)
@@ -62,12 +62,12 @@ class MLPBaselineClassifier(TaskClassifier):
         keep_BTH = (torch.rand(shape, generator=generator, device=generator.device) >= death_rate).float()
         return keep_BTH / (1 - death_rate), None
 
-    def forward(self, inputs: torch.Tensor, task: str, keep_BTH: torch.Tensor, noise=None,
+    def forward(self, inputs: torch.Tensor, head: str, keep_BTH: torch.Tensor, noise=None,
                 labels=None) -> torch.Tensor:
-        hidden_BH = torch.relu(self.hidden(self.features(inputs, task)))
+        hidden_BH = torch.relu(self.hidden(self.features(inputs, head)))
         expected = (hidden_BH.shape[0], self.ticks, self.hidden_width)
         if tuple(keep_BTH.shape) != expected:
             raise ValueError(f"keep_BTH has shape {tuple(keep_BTH.shape)}; "
                              f"expected (batch, ticks, hidden) = {expected}")
         features_BH = (keep_BTH.to(hidden_BH) * hidden_BH.unsqueeze(1)).mean(dim=1)
-        return classify(self.heads[task], features_BH, labels)
+        return classify(self.heads[head], features_BH, labels)

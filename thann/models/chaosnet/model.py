@@ -1,21 +1,21 @@
-"""ChaosNet classifier: a front-end per modality, one shared neuron core, and a linear head per task.
+"""ChaosNet classifier: a front-end per modality, one shared neuron core, and a linear head per dataset.
 
     text   token ids [B, L] -> mean of their embeddings (padding excluded) -> x [B, I]
     image  uint8 pixels [B, K, H, W] -> (3x3 conv, ReLU, 2x2 max-pool) per entry
            of image.conv_channels -> flatten -> linear -> x [B, I]
     core   x -> firing rates [B, N] over T ticks (neurons.py)
-    head   rates -> logits [B, C], one head per task
+    head   rates -> logits [B, C], one head per dataset
 
-Tasks trained in sequence (20 Newsgroups, then MNIST, then Fashion-MNIST) share the core, and
-each keeps its own head. Tasks of one modality also share that modality's front-end.
+Datasets trained in sequence (20 Newsgroups, then MNIST, then Fashion-MNIST) share the core, and
+each keeps its own head. Datasets of one modality also share that modality's front-end.
 
 Shapes: B batch, L tokens, K image channels, H×W pixels, I input width, T ticks, N neurons,
-C classes of a task.
+C classes of a dataset.
 
 The model config (an OmegaConf node or anything that reads the same way) holds arch, neurons,
 ticks, sigma, theta, rho, leak, mode, train_death_rate, eval_death_rate, input_width,
 text {vocab_size, max_tokens}, image {channels, size, conv_channels}, and
-tasks {name: {modality, num_classes}}. README.md has a complete example.
+heads {dataset: {modality, num_classes}}. README.md has a complete example.
 """
 
 import torch
@@ -25,6 +25,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from thann.config import require
+from thann.models.common.size import Size
 from thann.models.chaosnet.neurons import MODES, ChaosNeurons
 
 ARCHS = ("chaosnet", "mlp_baseline")
@@ -76,11 +77,11 @@ def parameter_factory(config: TransformerConfig) -> dict:
 
 
 def _modalities(model_cfg) -> list[str]:
-    return [m for m in MODALITIES if any(task.modality == m for task in model_cfg.tasks.values())]
+    return [m for m in MODALITIES if any(head.modality == m for head in model_cfg.heads.values())]
 
 
 def build_frontends(model_cfg, **factory) -> torch.nn.ModuleDict:
-    """A front-end for each modality that some task uses."""
+    """A front-end for each modality that some head reads."""
     width = model_cfg.input_width
     build = {
         "text": lambda: TextFrontEnd(model_cfg.text.vocab_size, width, **factory),
@@ -92,7 +93,7 @@ def build_frontends(model_cfg, **factory) -> torch.nn.ModuleDict:
 
 def build_heads(model_cfg, width: int, **factory) -> torch.nn.ModuleDict:
     return torch.nn.ModuleDict(
-        {name: torch.nn.Linear(width, task.num_classes, **factory) for name, task in model_cfg.tasks.items()}
+        {name: torch.nn.Linear(width, head.num_classes, **factory) for name, head in model_cfg.heads.items()}
     )
 
 
@@ -111,13 +112,24 @@ def frontend_parameters(model_cfg) -> int:
 
 
 def head_parameters(model_cfg, width: int) -> int:
-    return sum((width + 1) * task.num_classes for task in model_cfg.tasks.values())
+    return sum((width + 1) * head.num_classes for head in model_cfg.heads.values())
 
 
 def num_parameters(model_cfg) -> int:
     """ChaosNet's parameter count from the config alone: front-ends + W_in, b + W_raw + heads."""
     n, i = model_cfg.neurons, model_cfg.input_width
     return frontend_parameters(model_cfg) + n * (i + 1) + n * n + head_parameters(model_cfg, n)
+
+
+def classifier_size(model_cfg) -> Size:
+    """Parameters of ChaosNet or its MLP baseline; a classifier is not measured in tokens."""
+    if model_cfg.arch == "mlp_baseline":
+        from thann.models.chaosnet.mlp_baseline import matched_hidden_width, mlp_num_parameters
+
+        total = mlp_num_parameters(model_cfg, model_cfg.get("hidden_width") or matched_hidden_width(model_cfg))
+    else:
+        total = num_parameters(model_cfg)
+    return Size(total=total, active=total, matmul=0)
 
 
 def classify(head: torch.nn.Linear, features_BN: torch.Tensor, labels_B=None) -> torch.Tensor:
@@ -128,26 +140,26 @@ def classify(head: torch.nn.Linear, features_BN: torch.Tensor, labels_B=None) ->
     return F.cross_entropy(logits_BC.float(), labels_B, reduction="none")
 
 
-class TaskClassifier(MegatronModule):
-    """What ChaosNet and its MLP baseline share: the front-ends and the routing of a task to its
+class Classifier(MegatronModule):
+    """What ChaosNet and its MLP baseline share: the front-ends and the routing of a head to its
     modality. Each subclass adds its heads, sized to its own feature width."""
 
     def __init__(self, config: TransformerConfig, model_cfg):
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron-core's schedules
-        self.modality = {name: task.modality for name, task in model_cfg.tasks.items()}
+        self.modality = {name: head.modality for name, head in model_cfg.heads.items()}
         self.frontends = build_frontends(model_cfg, **parameter_factory(config))
 
     def set_input_tensor(self, input_tensor) -> None:
         """megatron-core's schedules call this on every model. A one-stage model receives nothing."""
 
-    def features(self, inputs: torch.Tensor, task: str) -> torch.Tensor:
-        if task not in self.modality:
-            raise ValueError(f"unknown task {task!r}; this model has heads for {sorted(self.modality)}")
-        return self.frontends[self.modality[task]](inputs)
+    def features(self, inputs: torch.Tensor, head: str) -> torch.Tensor:
+        if head not in self.modality:
+            raise ValueError(f"unknown head {head!r}; this model has heads for {sorted(self.modality)}")
+        return self.frontends[self.modality[head]](inputs)
 
 
-class ChaosNetClassifier(TaskClassifier):
+class ChaosNetClassifier(Classifier):
     def __init__(self, config: TransformerConfig, model_cfg):
         super().__init__(config, model_cfg)
         factory = parameter_factory(config)
@@ -160,10 +172,10 @@ class ChaosNetClassifier(TaskClassifier):
     def draw_randomness(self, batch: int, generator: torch.Generator, death_rate: float):
         return self.core.draw_randomness(batch, generator, death_rate)
 
-    def forward(self, inputs: torch.Tensor, task: str, alive_BTN: torch.Tensor, noise_BTN: torch.Tensor,
+    def forward(self, inputs: torch.Tensor, head: str, alive_BTN: torch.Tensor, noise_BTN: torch.Tensor,
                 labels=None) -> torch.Tensor:
-        rates_BN = self.core(self.features(inputs, task), alive_BTN, noise_BTN)
-        return classify(self.heads[task], rates_BN, labels)
+        rates_BN = self.core(self.features(inputs, head), alive_BTN, noise_BTN)
+        return classify(self.heads[head], rates_BN, labels)
 
 
 def _positive_int(value) -> bool:
@@ -184,15 +196,15 @@ def check_model_config(model_cfg) -> None:
              "must be null (matched to ChaosNet's parameter count) or a positive integer")
     for field in ("rho", "leak"):
         require(0 <= model_cfg[field] <= 1, f"model.{field}", model_cfg[field], "must be in [0, 1]")
-    require(len(model_cfg.tasks) > 0, "model.tasks", model_cfg.tasks, "must name at least one task")
-    for name, task in model_cfg.tasks.items():
-        # Task names are module names in the heads' ModuleDict.
-        require("." not in name and name != "", f"model.tasks.{name}", name,
-                 "a task name must be non-empty, without '.'")
-        require(task.modality in MODALITIES, f"model.tasks.{name}.modality", task.modality,
+    require(len(model_cfg.heads) > 0, "model.heads", model_cfg.heads, "must name at least one head")
+    for name, head in model_cfg.heads.items():
+        # Head names are module names in the heads' ModuleDict.
+        require("." not in name and name != "", f"model.heads.{name}", name,
+                 "a head name must be non-empty, without '.'")
+        require(head.modality in MODALITIES, f"model.heads.{name}.modality", head.modality,
                  f"must be one of {list(MODALITIES)}")
-        require(_positive_int(task.num_classes) and task.num_classes >= 2, f"model.tasks.{name}.num_classes",
-                 task.num_classes, "must be an integer >= 2")
+        require(_positive_int(head.num_classes) and head.num_classes >= 2, f"model.heads.{name}.num_classes",
+                 head.num_classes, "must be an integer >= 2")
     modalities = _modalities(model_cfg)
     if "text" in modalities:
         for field in ("vocab_size", "max_tokens"):

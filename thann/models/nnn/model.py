@@ -52,6 +52,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from thann.config import ConfigError
 from thann.models.common.init import init_stream
+from thann.models.common.size import Size
 from thann.models.nnn.bitlinear import frozen_weights
 from thann.models.nnn.node import NORM_EPS, Node, NodeState
 
@@ -99,19 +100,23 @@ def check_model_config(model_cfg) -> None:
     require(model_cfg.init_method_std > 0, "init_method_std", "must be positive")
 
 
-def num_parameters(model_cfg, vocab_size: int) -> int:
+def model_size(model_cfg, vocab_size: int) -> Size:
     """Every parameter of the whole model (all pipeline stages, lower_bounds counted once)."""
     d, n, inner = model_cfg.hidden_size, model_cfg.num_nodes, intermediate_size(model_cfg)
-
-    def bitlinear(fan_in: int, fan_out: int) -> int:
-        return fan_in * fan_out + fan_in  # weight + its input RMSNorm
-
-    token_mixer = 4 * bitlinear(d, d) + d  # i, f, g, o projections + g_norm
-    channel_mixer = bitlinear(d, 2 * inner) + bitlinear(inner, d)
-    node = 2 * d + token_mixer + channel_mixer + d  # two block norms, the mixers, global_weight
-    cross_attention = 4 * bitlinear(d, d) if model_cfg.cross_node_attention else 0
+    token_mixer = 4 * d * d  # i, f, g, o projections
+    channel_mixer = d * 2 * inner + inner * d
+    cross_attention = 4 * d * d if model_cfg.cross_node_attention else 0
+    weights = n * (token_mixer + channel_mixer) + (n - 1) * cross_attention
+    # per BitLinear its input RMSNorm (fan_in); per node g_norm, two block norms, global_weight
+    norms = n * (4 * d + d + inner + 4 * d) + (n - 1) * (4 * d if model_cfg.cross_node_attention else 0)
     embedding = head = vocab_size * d
-    return embedding + n * node + (n - 1) * cross_attention + n * d + d + head  # n·d: lower_bounds; d: final norm
+    total = embedding + weights + norms + n * d + d + head  # n·d: lower_bounds; d: final norm
+    return Size(total=total, active=total, matmul=weights + head,
+                attention_layers=n - 1 if model_cfg.cross_node_attention else 0, attention_width=d)
+
+
+def num_parameters(model_cfg, vocab_size: int) -> int:
+    return model_size(model_cfg, vocab_size).total
 
 
 def nnn_transformer_config(model_cfg, parallel_cfg, *, bf16: bool) -> TransformerConfig:

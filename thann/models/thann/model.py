@@ -3,6 +3,9 @@
 The decoder is a TransformerBlock of THANN layers (spec.py): attention with RoPE and an MoE MLP
 of 16 experts with top-4 softmax routing, load-balancing auxiliary loss and no token dropping.
 The LM head ("classifier layer") is megatron-core's output layer, tied to the embedding by config.
+
+The same class is the dense GPT baseline (``model.arch=gpt``): no ``num_experts`` (a SwiGLU MLP
+of ``ffn_hidden_size``) and no ``tokenization`` block (or ``tokenization.enabled: false``).
 """
 
 import torch
@@ -38,12 +41,18 @@ class ThannInferenceContext(KVCacheContext):
         self.tokenization.advance(tokens)
 
 
+def tokenization_enabled(model_cfg) -> bool:
+    tokenization = model_cfg.get("tokenization")
+    return tokenization is not None and tokenization.get("enabled", True)
+
+
 class ThannModel(GeneratesWithKVCache, GPTModel):
     def __init__(self, config: TransformerConfig, model_cfg, vocab_size: int, max_sequence_length: int,
                  pre_process: bool = True, post_process: bool = True, vp_stage=None):
+        tokenization = tokenization_enabled(model_cfg)
         super().__init__(
             config=config,
-            transformer_layer_spec=thann_block_spec(config, model_cfg.use_te, vp_stage),
+            transformer_layer_spec=thann_block_spec(config, model_cfg.get("use_te", False), vp_stage),
             vocab_size=vocab_size,
             max_sequence_length=max_sequence_length,
             pre_process=pre_process,
@@ -52,10 +61,11 @@ class ThannModel(GeneratesWithKVCache, GPTModel):
             position_embedding_type="rope",
             rotary_base=model_cfg.rotary_base,
             # The tokenization's convolutions need the whole sequence; it scatters itself.
-            scatter_embedding_sequence_parallel=False,
+            scatter_embedding_sequence_parallel=not tokenization,
             vp_stage=vp_stage,
         )
-        if pre_process:
+        self.learnt_tokenization = None
+        if pre_process and tokenization:
             with init_stream("learnt_tokenization"):
                 self.learnt_tokenization = LearntTokenization(
                     config,
@@ -82,7 +92,7 @@ class ThannModel(GeneratesWithKVCache, GPTModel):
         return ThannInferenceContext(batch_size, max_sequence_length)
 
     def _preprocess(self, input_ids, position_ids, decoder_input=None, **kwargs):
-        if decoder_input is None and self.pre_process:
+        if decoder_input is None and self.learnt_tokenization is not None:
             embeddings = self.embedding(input_ids=input_ids, position_ids=position_ids)
             decoder_input = self.learnt_tokenization(embeddings, kwargs.get("inference_context"))
         return super()._preprocess(input_ids, position_ids, decoder_input=decoder_input, **kwargs)
@@ -92,21 +102,9 @@ def transformer_config(model_cfg, parallel_cfg, *, bf16: bool, perform_initializ
                        recompute: str = "none") -> TransformerConfig:
     """megatron-core's TransformerConfig for a THANN model config and a parallel layout."""
     dtype = torch.bfloat16 if bf16 else torch.float32
-    return TransformerConfig(
-        num_layers=model_cfg.num_layers,
-        hidden_size=model_cfg.hidden_size,
-        num_attention_heads=model_cfg.num_attention_heads,
-        num_query_groups=model_cfg.num_query_groups,
-        ffn_hidden_size=model_cfg.moe_ffn_hidden_size,
-        normalization=model_cfg.normalization,
-        layernorm_epsilon=1e-5,
-        add_bias_linear=False,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        hidden_dropout=model_cfg.hidden_dropout,
-        attention_dropout=model_cfg.attention_dropout,
-        init_method_std=model_cfg.init_method_std,
-        num_moe_experts=model_cfg.num_experts,
+    experts = model_cfg.get("num_experts")
+    moe = {} if experts is None else dict(
+        num_moe_experts=experts,
         moe_ffn_hidden_size=model_cfg.moe_ffn_hidden_size,
         moe_router_topk=model_cfg.moe_router_topk,
         moe_router_score_function="softmax",
@@ -116,7 +114,23 @@ def transformer_config(model_cfg, parallel_cfg, *, bf16: bool, perform_initializ
         moe_router_dtype="fp32",
         moe_expert_capacity_factor=None,  # dropless
         moe_token_dispatcher_type="alltoall",
-        moe_grouped_gemm=model_cfg.use_te,
+        moe_grouped_gemm=model_cfg.get("use_te", False),
+    )
+    return TransformerConfig(
+        num_layers=model_cfg.num_layers,
+        hidden_size=model_cfg.hidden_size,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
+        ffn_hidden_size=model_cfg.moe_ffn_hidden_size if experts is not None else model_cfg.ffn_hidden_size,
+        normalization=model_cfg.normalization,
+        layernorm_epsilon=1e-5,
+        add_bias_linear=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        hidden_dropout=model_cfg.hidden_dropout,
+        attention_dropout=model_cfg.attention_dropout,
+        init_method_std=model_cfg.init_method_std,
+        **moe,
         tensor_model_parallel_size=parallel_cfg.tp,
         pipeline_model_parallel_size=parallel_cfg.pp,
         expert_model_parallel_size=parallel_cfg.ep,

@@ -1,21 +1,7 @@
-"""Parameter and FLOP counts of a THANN config, from its shape alone."""
+"""Parameter counts of a THANN (or dense GPT) config, from its shape alone."""
 
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class Size:
-    total: int  # every parameter (a tied embedding counted once)
-    active: int  # parameters used per token: all but the (num_experts - topk) unrouted experts
-    embedding: int  # token embedding (and an untied LM head)
-    experts: int
-
-    def flops_per_token(self, model_cfg, vocab_size: int, seq_length: int) -> float:
-        """Training FLOPs per token: 6 per active non-embedding parameter, the LM head's matmul
-        (6·h·V) and attention scores (12·h·s per attention layer, the tokenization's included)."""
-        h = model_cfg.hidden_size
-        attention_layers = model_cfg.num_layers + 1
-        return 6 * (self.active - self.embedding) + 6 * h * vocab_size + 12 * attention_layers * h * seq_length
+from thann.models.common.size import Size
+from thann.models.thann.model import tokenization_enabled
 
 
 def attention_params(model_cfg) -> int:
@@ -25,16 +11,39 @@ def attention_params(model_cfg) -> int:
 
 
 def model_size(model_cfg, vocab_size: int) -> Size:
-    h, L, E, F = model_cfg.hidden_size, model_cfg.num_layers, model_cfg.num_experts, model_cfg.moe_ffn_hidden_size
-    widths = list(model_cfg.tokenization.conv_widths)
-    embedding = vocab_size * h * (1 if model_cfg.tie_embeddings else 2)
-    tokenization = sum(widths) * h + len(widths) * h * h + h + attention_params(model_cfg)
-    expert = 3 * h * F  # SwiGLU: gate, up, down
-    layer = 2 * h + attention_params(model_cfg) + E * h + E * expert
-    total = embedding + tokenization + L * layer + h
+    h, L = model_cfg.hidden_size, model_cfg.num_layers
+    table = vocab_size * h
+    head = 0 if model_cfg.tie_embeddings else table
+    attention = attention_params(model_cfg)
+    if model_cfg.get("num_experts") is None:  # dense SwiGLU: gate, up, down
+        mlp = mlp_active = 3 * h * model_cfg.ffn_hidden_size
+    else:
+        E, k, expert = model_cfg.num_experts, model_cfg.moe_router_topk, 3 * h * model_cfg.moe_ffn_hidden_size
+        mlp, mlp_active = E * h + E * expert, E * h + k * expert  # router + experts
+    tokenization = tokenization_matmul = 0
+    if tokenization_enabled(model_cfg):
+        widths = list(model_cfg.tokenization.conv_widths)
+        tokenization_matmul = sum(widths) * h + len(widths) * h * h + attention  # convolutions, mix, attention
+        tokenization = tokenization_matmul + h  # and its norm
+    norms = 2 * h * L + h
+    total = table + head + tokenization + L * (attention + mlp) + norms
     return Size(
         total=total,
-        active=total - L * (E - model_cfg.moe_router_topk) * expert,
-        embedding=embedding,
-        experts=L * E * expert,
+        active=total - L * (mlp - mlp_active),
+        # the LM head multiplies: the table when tied, the head when not (the table is then looked up)
+        matmul=table + tokenization_matmul + L * (attention + mlp_active),
+        attention_layers=L + (1 if tokenization else 0),
+        attention_width=h,
     )
+
+
+def encoder_size(model_cfg, vocab_size: int) -> Size:
+    """THANN's decoder as an encoder (thann.models.thann.encoder): the language model's parameters
+    (its LM head built but unused) and the pooled-embedding head. No logits are computed, and the
+    projection runs once per text, not per token (h·P/S per token: left out)."""
+    lm = model_size(model_cfg, vocab_size)
+    head = (model_cfg.projection_dim or 0) * model_cfg.hidden_size
+    temperature = 1 if model_cfg.learnt_temperature is not None else 0
+    return Size(total=lm.total + head + temperature, active=lm.active + head + temperature,
+                matmul=lm.matmul - vocab_size * model_cfg.hidden_size,
+                attention_layers=lm.attention_layers, attention_width=lm.attention_width)

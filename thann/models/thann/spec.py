@@ -12,6 +12,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
@@ -60,7 +61,8 @@ def self_attention_spec() -> ModuleSpec:
 
 def thann_block_spec(config, use_te: bool = False, vp_stage=None) -> TransformerBlockSubmodules:
     """This pipeline stage's layers, and the final norm (megatron-core's default for it, without
-    apex or transformer-engine, is a torch norm that refuses sequence parallelism)."""
+    apex or transformer-engine, is a torch norm that refuses sequence parallelism). The MLP is the
+    MoE layer when ``config.num_moe_experts`` is set, a dense SwiGLU otherwise (the GPT baseline)."""
     if use_te:
         if not transformer_engine_available():
             raise ValueError("model.use_te=true but transformer_engine is not importable")
@@ -68,10 +70,16 @@ def thann_block_spec(config, use_te: bool = False, vp_stage=None) -> Transformer
 
         return get_gpt_decoder_block_spec(config, use_transformer_engine=True, vp_stage=vp_stage)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[thann_layer_spec()] * num_layers, layer_norm=Norm)
+    layer = thann_layer_spec(moe=config.num_moe_experts is not None)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=Norm)
 
 
-def thann_layer_spec() -> ModuleSpec:
+def thann_layer_spec(moe: bool = True) -> ModuleSpec:
+    if moe:
+        mlp = ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=GroupedExperts))
+    else:
+        mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                             linear_fc2=RowParallelLinear))
     return ModuleSpec(
         module=ThannLayer,
         submodules=TransformerLayerSubmodules(
@@ -79,7 +87,7 @@ def thann_layer_spec() -> ModuleSpec:
             self_attention=self_attention_spec(),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=Norm,
-            mlp=ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=GroupedExperts)),
+            mlp=mlp,
             mlp_bda=get_bias_dropout_add,
         ),
     )

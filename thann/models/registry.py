@@ -1,0 +1,217 @@
+"""Every model THANN trains or serves, by ``model.arch``, built one way for training, inference,
+tools and benchmarks.
+
+    thann           the MoE transformer with learnt tokenization (thann.models.thann)
+    gpt             THANN's layers with a dense SwiGLU MLP and no learnt tokenization: the baseline
+    thann_encoder   THANN's decoder with a pooled-embedding head (contrastive training, embeddings)
+    nnn             the cascade of matmul-free nodes (thann.models.nnn)
+    chaosnet        chaotic spiking neurons with neuron death, a classifier (thann.models.chaosnet)
+    mlp_baseline    ChaosNet's front-ends and heads around a parameter-matched ReLU layer
+
+A ModelSpec checks a model config alone and against a layout, makes megatron-core's
+TransformerConfig (the model's own instance), builds one pipeline stage, counts its parameters
+and FLOPs from the shape (thann.models.common.size), and names the fields that are its shape: a
+checkpoint resumes or initialises a model only when those match exactly. A new model is one
+``register(ModelSpec(...))`` call (in this file, or in a plugin's own module).
+
+``build`` is the one way to make a model: the layout's stage, on the run's device, wrapped in
+megatron-core's Float16Module under bf16 (the one precision rule, in training and inference).
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from megatron.core.transformer.module import Float16Module
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from thann.config import require
+from thann.models.common.size import Size
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str
+    check: Callable  # (args, parallel_cfg, recompute) -> None, raising ConfigError naming the field
+    transformer_config: Callable  # (args, parallel_cfg, *, bf16, recompute) -> TransformerConfig
+    build: Callable  # (config, args, vocab_size, max_sequence_length, pre_process, post_process) -> module
+    size: Callable  # (args, vocab_size) -> Size
+    shape_fields: tuple[str, ...]  # dotted keys of args
+    shape_defaults: tuple[tuple[str, object], ...] = ()  # what an absent shape field means (older configs)
+    reads_tokens: bool = True  # token ids in (a tokenizer; the vocabulary padded for tensor parallelism)
+    initialised_by: tuple[str, ...] = ()  # other archs whose weights this one starts from (init_from)
+
+
+REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    REGISTRY[spec.arch] = spec
+    return spec
+
+
+def spec_of(args: DictConfig) -> ModelSpec:
+    """The spec of ``args.arch`` (``thann`` for configs written before arch existed)."""
+    arch = args.get("arch", "thann")
+    require(arch in REGISTRY, "model.arch", arch, f"must be one of {sorted(REGISTRY)}")
+    return REGISTRY[arch]
+
+
+def shape(args: DictConfig) -> dict:
+    """The values of the model's shape fields (with its arch)."""
+    spec = spec_of(args)
+    values, defaults = {"arch": spec.arch}, dict(spec.shape_defaults)
+    for field in spec.shape_fields:
+        value = OmegaConf.select(args, field, default=defaults.get(field))
+        values[field] = OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) \
+            else value
+    return values
+
+
+def use_bf16(precision: str) -> bool:
+    """``auto``: bf16 where there is a GPU."""
+    return torch.cuda.is_available() if precision == "auto" else precision == "bf16"
+
+
+def padded_vocab(spec: ModelSpec, vocab_size: int | None, tp: int) -> int | None:
+    from thann.data.tokenizer import padded_vocab_size
+
+    return padded_vocab_size(vocab_size, tp) if spec.reads_tokens else None
+
+
+def build(args: DictConfig, parallel_cfg, *, vocab_size: int | None, max_sequence_length: int | None, bf16: bool,
+          recompute: str = "none", perform_initialization: bool = True):
+    """(this rank's pipeline stage of the model, its TransformerConfig): on the run's device,
+    Float16Module-wrapped under bf16. Process groups must exist (thann.parallel.state)."""
+    from megatron.core import parallel_state
+
+    from thann.parallel import state
+
+    spec = spec_of(args)
+    config = spec.transformer_config(args, parallel_cfg, bf16=bf16, recompute=recompute)
+    config.perform_initialization = perform_initialization
+    module = spec.build(config, args, padded_vocab(spec, vocab_size, parallel_cfg.tp), max_sequence_length,
+                        parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage())
+    if perform_initialization:
+        module = module.to(state.device())
+    if bf16:
+        module = Float16Module(config, module)
+    return module, config
+
+
+def size(args: DictConfig, vocab_size: int | None) -> Size:
+    spec = spec_of(args)
+    return spec.size(args, padded_vocab(spec, vocab_size, 1))
+
+
+# -- the models ------------------------------------------------------------------------------------
+
+_THANN_SHAPE = ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "num_experts",
+                "moe_router_topk", "moe_ffn_hidden_size", "ffn_hidden_size", "normalization", "tie_embeddings",
+                "rotary_base", "use_te", "tokenization.enabled", "tokenization.conv_widths")
+
+
+def _thann(arch: str, encoder: bool = False) -> ModelSpec:
+    def check(args, parallel_cfg, recompute: str) -> None:
+        from thann.models.thann import checks
+
+        checks.check_model(args, dense=arch == "gpt")
+        checks.check_layout(args, parallel_cfg)
+        checks.check_recompute(recompute)
+        if encoder:
+            from thann.models.common.heads import POOLINGS
+
+            require(args.pooling in POOLINGS, "contrastive.pooling", args.pooling, f"must be one of {list(POOLINGS)}")
+            require(args.projection_dim is None or args.projection_dim > 0, "contrastive.projection_dim",
+                    args.projection_dim, "must be null or positive")
+
+    def transformer_config(args, parallel_cfg, *, bf16: bool, recompute: str = "none"):
+        from thann.models.thann.model import transformer_config
+
+        return transformer_config(args, parallel_cfg, bf16=bf16, recompute=recompute)
+
+    def build(config, args, vocab_size, max_sequence_length, pre_process, post_process):
+        if encoder:
+            from thann.models.thann.encoder import ThannEncoder
+
+            return ThannEncoder(config, args, vocab_size, max_sequence_length, args.pooling, args.projection_dim,
+                                args.learnt_temperature, pre_process=pre_process, post_process=post_process)
+        from thann.models.thann.model import ThannModel
+
+        return ThannModel(config, args, vocab_size, max_sequence_length, pre_process=pre_process,
+                          post_process=post_process)
+
+    def count(args, vocab_size: int) -> Size:
+        from thann.models.thann.size import encoder_size, model_size
+
+        return encoder_size(args, vocab_size) if encoder else model_size(args, vocab_size)
+
+    shape_fields = _THANN_SHAPE + (("projection_dim", "learnt_temperature") if encoder else ())
+    defaults = (("use_te", False),) + ((("tokenization.enabled", True),) if arch != "gpt" else ())
+    return ModelSpec(arch, check, transformer_config, build, count, shape_fields, defaults,
+                     initialised_by=("thann",) if encoder else ())
+
+
+def _nnn() -> ModelSpec:
+    def check(args, parallel_cfg, recompute: str) -> None:
+        from thann.models.nnn.model import check_model_config
+
+        check_model_config(args)
+        require(parallel_cfg.tp == 1, "parallel.tp", parallel_cfg.tp,
+                "NNN has no tensor-parallel BitLinear: use 1 (data and pipeline parallelism are supported)")
+        require(args.num_nodes % parallel_cfg.pp == 0, "parallel.pp", parallel_cfg.pp,
+                f"must divide model.num_nodes={args.num_nodes} (each stage holds the same number of nodes)")
+        require(parallel_cfg.ep == 1 and parallel_cfg.etp == 1, "parallel.ep", parallel_cfg.ep,
+                "NNN has no experts: use 1")
+        require(recompute == "none", "train.recompute", recompute, "NNN has no activation recompute: use none")
+
+    def transformer_config(args, parallel_cfg, *, bf16: bool, recompute: str = "none"):
+        from thann.models.nnn.model import nnn_transformer_config
+
+        return nnn_transformer_config(args, parallel_cfg, bf16=bf16)
+
+    def build(config, args, vocab_size, max_sequence_length, pre_process, post_process):
+        from thann.models.nnn.model import NNNModel
+
+        return NNNModel(config, args, vocab_size, pre_process=pre_process, post_process=post_process)
+
+    def count(args, vocab_size: int) -> Size:
+        from thann.models.nnn.model import model_size
+
+        return model_size(args, vocab_size)
+
+    return ModelSpec("nnn", check, transformer_config, build, count,
+                     ("hidden_size", "num_nodes", "intermediate_size", "cross_node_attention", "cross_attention_heads"))
+
+
+def _classifier(arch: str) -> ModelSpec:
+    def check(args, parallel_cfg, recompute: str) -> None:
+        from thann.models.chaosnet import check_layout, check_model_config
+
+        check_model_config(args)
+        check_layout(parallel_cfg)
+        require(recompute == "none", "train.recompute", recompute, "a classifier has no activation recompute: use none")
+
+    def transformer_config(args, parallel_cfg, *, bf16: bool, recompute: str = "none"):
+        from thann.models.chaosnet import chaosnet_transformer_config
+
+        return chaosnet_transformer_config(args, bf16=bf16)
+
+    def build(config, args, vocab_size, max_sequence_length, pre_process, post_process):
+        from thann.models.chaosnet import build_classifier
+
+        return build_classifier(config, args)
+
+    def count(args, vocab_size) -> Size:
+        from thann.models.chaosnet import classifier_size
+
+        return classifier_size(args)
+
+    shape_fields = ("neurons", "input_width", "text.vocab_size", "image.channels", "image.size",
+                    "image.conv_channels", "heads") + (("hidden_width",) if arch == "mlp_baseline" else ())
+    return ModelSpec(arch, check, transformer_config, build, count, shape_fields, reads_tokens=False)
+
+
+for _spec in (_thann("thann"), _thann("gpt"), _thann("thann_encoder", encoder=True), _nnn(),
+              _classifier("chaosnet"), _classifier("mlp_baseline")):
+    register(_spec)
