@@ -57,20 +57,37 @@ def test_contrastive_memory_benchmark_prints_a_row_per_global_batch(pairs_with_n
 
 def test_checkpoint_io_benchmark_reports_the_size_on_disk_and_its_rates(tmp_path):
     out = subprocess.run([sys.executable, "benchmarks/checkpoint_io.py", "--model", "thann_tiny", "--layers", "2",
-                          "--repeats", "1", "--dir", str(tmp_path / "bench"), "--keep"],
+                          "--repeats", "1", "--disk-gib", "0.0625", "--dir", str(tmp_path / "bench"), "--keep"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = re.findall(r"^\| (zarr|torch_dist) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", out.stdout,
-                      re.MULTILINE)
-    assert [r[0] for r in rows] == ["zarr", "torch_dist"], out.stdout
-    for fmt, size, save, save_rate, load, load_rate in rows:
+    disk_write, disk_read = map(float, re.search(r"^disk: write ([\d.]+) GB/s .*, read ([\d.]+) GB/s", out.stdout,
+                                                 re.MULTILINE).groups())
+    def columns(n: int) -> str:
+        return r" \| ".join([r"([\d.]+)"] * n)
+
+    saves = re.findall(r"^\| (zarr|torch_dist) \| (sync|async|unflushed) \| " + columns(8) + r" \|$", out.stdout,
+                       re.MULTILINE)
+    loads = re.findall(r"^\| (zarr|torch_dist) \| " + columns(4) + r" \|$", out.stdout, re.MULTILINE)
+    assert [r[:2] for r in saves] == [("zarr", "sync"), ("zarr", "async"), ("zarr", "unflushed"),
+                                      ("torch_dist", "sync"), ("torch_dist", "async")], out.stdout
+    assert [r[0] for r in loads] == ["zarr", "torch_dist"], out.stdout
+    sync = {r[0]: float(r[3]) for r in saves if r[1] == "sync"}
+    for fmt, mode, size, save, save_rate, of_disk, blocked, of_sync, steps, step in saves:
         checkpoint = next((tmp_path / "bench" / fmt).glob("iter_*"))
         on_disk = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
         assert float(size) == pytest.approx(on_disk / 1e9, abs=1e-4)  # measured here, walking the directory
         # weights and two Adam moments of 14.7M fp32 parameters, and little else
         assert 3 * 14_670_464 * 4 <= on_disk <= 1.05 * 3 * 14_670_464 * 4
         assert float(save_rate) == pytest.approx(float(size) / float(save), rel=0.02)
+        assert float(of_disk) == pytest.approx(float(save_rate) / disk_write, rel=0.02, abs=0.006)
+        assert float(of_sync) == pytest.approx(float(blocked) / sync[fmt], rel=0.02, abs=0.002)
+        if mode != "async":
+            assert blocked == save and steps == "0"
+        else:  # the loop trained until the checkpoint was published, each poll counted as blocked
+            assert int(steps) >= 1 and float(blocked) <= float(save)
+    for fmt, size, load, load_rate, of_disk in loads:
         assert float(load_rate) == pytest.approx(float(size) / float(load), rel=0.02)
+        assert float(of_disk) == pytest.approx(float(load_rate) / disk_read, rel=0.02, abs=0.006)
 
 
 def test_preprocess_benchmark_counts_the_tokens_tiktoken_makes():

@@ -35,6 +35,9 @@ def check_parallel(parallel: DictConfig, world_size: int) -> int:
     require((world_size // pp) % (etp * ep) == 0, "parallel.ep", ep,
             f"ep*etp={ep * etp} must divide the ranks of one pipeline stage ({world_size // pp})")
     require(not parallel.sp or tp > 1, "parallel.sp", parallel.sp, "sequence parallelism needs parallel.tp > 1")
+    timeout = parallel.get("timeout_minutes", 10)
+    require(isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0,
+            "parallel.timeout_minutes", timeout, "must be a number of minutes > 0")
     return world_size // (tp * pp)
 
 
@@ -77,6 +80,8 @@ def check_checkpoint(checkpoint: DictConfig) -> None:
         require(isinstance(checkpoint[field], int) and checkpoint[field] >= 0, f"checkpoint.{field}",
                 checkpoint[field], "must be an integer >= 0")
     require(checkpoint.keep >= 1, "checkpoint.keep", checkpoint.keep, "must keep at least 1 checkpoint")
+    for field in ("async_save", "fsync"):
+        require(isinstance(checkpoint[field], bool), f"checkpoint.{field}", checkpoint[field], "must be true or false")
     path = str(checkpoint.dir)
     require(not os.path.exists(path) or os.path.isdir(path), "checkpoint.dir", path,
             "exists and is not a directory")

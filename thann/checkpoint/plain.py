@@ -105,8 +105,13 @@ def dump(value, path: str, where: str) -> None:
 
 def load(path: str):
     """Reads a file written by ``dump``; anything that is not JSON fails here, unexecuted."""
+    with open(path, "rb") as f:
+        return loads(f.read(), path)
+
+
+def loads(data: bytes, path: str):
+    """The value of a file's bytes (``path`` names it in errors)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return decode(json.load(f))
+        return decode(json.loads(data.decode("utf-8")))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a JSON file ({e.__class__.__name__}); the checkpoint is damaged") from None

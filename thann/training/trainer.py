@@ -14,11 +14,12 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from thann import config as config_checks
+from thann.checkpoint import mixtral
 from thann.checkpoint.checkpointer import Checkpointer
 from thann.checkpoint.directory import latest_checkpoint, read_metadata
 from thann.checkpoint.parts import ModelPart, OptimizerPart, PlainPart, SchedulerPart
 from thann.checkpoint.resume import plan
-from thann.checkpoint.weights import checkpoint_path, load_weights, primary_slot, slot_prefix
+from thann.checkpoint.weights import checkpoint_path, load_arrays, load_weights, primary_slot, slot_prefix
 from thann.models import registry
 from thann.parallel import state
 from thann.training.context import NonFiniteLoss, Position, StepContext
@@ -86,10 +87,15 @@ class Trainer:
                                      resumed_step=self.position.step if resumed else None)
 
     def _start_from(self, name: str, slot: Slot) -> None:
-        path = checkpoint_path(str(slot.spec.init), "init_from")
-        metadata = read_metadata(path)
-        source = slot.spec.init_slot or primary_slot(metadata)
-        fresh = load_weights(slot.chunks, path, slot_prefix(metadata, source), strict=slot.spec.init_strict)
+        if mixtral.is_model_dir(str(slot.spec.init)):  # an HF Mixtral directory, checked by the resume policy
+            path = str(slot.spec.init)
+            arrays = mixtral.read_model_dir(path, slot.spec.args)
+            fresh = load_arrays(slot.chunks, arrays, strict=slot.spec.init_strict)
+        else:
+            path = checkpoint_path(str(slot.spec.init), "init_from")
+            metadata = read_metadata(path)
+            source = slot.spec.init_slot or primary_slot(metadata)
+            fresh = load_weights(slot.chunks, path, slot_prefix(metadata, source), strict=slot.spec.init_strict)
         if slot.trainable:
             slot.optimizer.reload_model_params()  # fp32 main copies follow the loaded weights
         what = "initialised" if slot.trainable else "loaded (frozen)"
@@ -207,7 +213,12 @@ class Trainer:
         interval = self.cfg.checkpoint.interval
         last = min(cfg.steps, cfg.stop_after_step or cfg.steps)
         while self.position.step < last:
-            record = self.train_step(batches)
+            try:
+                record = self.train_step(batches)
+            except NonFiniteLoss:  # every rank stops here: a save in the background (of finite weights) completes
+                self.checkpointer.finish()
+                raise
+            self.checkpointer.poll()  # publishes a save written in the background, or raises its failure
             history.append(record)
             step = self.position.step
             if step % self.cfg.logging.log_interval == 0 or step == last:
@@ -217,13 +228,15 @@ class Trainer:
                 self.metrics.log(history[-1])
             stop = self.stop_request.agreed(state.device())
             if save and (stop or (interval and step % interval == 0) or step == last):
-                self.message(f"saved {self.save()}")
+                self.save()
             if stop:
+                self.checkpointer.finish()
                 self.message(f"stopped by {self.stop_request.signal or 'a signal on another rank'} "
                              f"after step {step}; start again to resume")
                 print(f"[rank {dist.get_rank()}] stopped after step {step}", file=sys.stderr, flush=True)
                 self.stopped_by_signal = True
                 return
+        self.checkpointer.finish()
         self.recipe.on_train_end(self.ctx)
 
     def close(self, failure: str | None = None, detail: str | None = None) -> None:
