@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
+from thann.checkpoint import mixtral
 from thann.checkpoint.directory import Candidate, find_checkpoints
 from thann.checkpoint.weights import checkpoint_path, primary_slot, saved_run, saved_slots
 from thann.config import ConfigError, require
@@ -51,8 +52,8 @@ def plan(cfg: DictConfig, specs: dict, tokenizer: dict | None, checkpointer, run
     checkpointer.tidy()
     found = find_checkpoints(ckpt.dir)
     if not ckpt.resume or not found:
-        for name, spec in specs.items():
-            check_init(spec, name, tokenizer)
+        for spec in specs.values():
+            check_init(spec, tokenizer, cfg.parallel.tp)
         checkpointer.start_fresh(run_files, "checkpoint.resume=false" if found else "nothing to resume")
         return Plan([], [])
     newest = found[0]
@@ -67,7 +68,7 @@ def plan(cfg: DictConfig, specs: dict, tokenizer: dict | None, checkpointer, run
                     "use another checkpoint.dir")
             check_shape(saved[name]["args"], spec, newest.path)
         else:
-            check_init(spec, name, tokenizer)
+            check_init(spec, tokenizer, cfg.parallel.tp)
     return Plan(found, config_changes(newest.metadata["config"], cfg))
 
 
@@ -89,13 +90,18 @@ def check_shape(saved_args: dict, spec, path: str) -> None:
                               "use another checkpoint.dir")
 
 
-def check_init(spec, slot: str, tokenizer: dict | None) -> None:
+def check_init(spec, tokenizer: dict | None, tp: int) -> None:
     """``spec.init`` (when set) can start the slot: a zarr checkpoint of ``tokenizer`` (the run's)
-    holding a model of its shape, or of a shape it is initialised by (ConfigError naming
-    ``init_from``)."""
+    holding a model of its shape, or of a shape it is initialised by, or an HF Mixtral directory of
+    its shape and of the embedding rows the run's tokenizer gives it at tensor-parallel size ``tp``
+    (ConfigError naming ``spec.init_field``, or the model field that differs)."""
     if spec.init is None:
         return
-    field = "init_from" if spec.trainable else f"{slot} source"
+    field = spec.init_field
+    if mixtral.is_model_dir(str(spec.init)):  # an HF Mixtral directory: its config has the shape
+        rows = registry.padded_vocab(registry.spec_of(spec.args), spec.vocab_size, tp)
+        mixtral.check_init(str(spec.init), spec.args, rows, field, spec.field)
+        return
     path = checkpoint_path(str(spec.init), field)
     metadata = saved_run(path, field)
     slots = saved_slots(metadata)

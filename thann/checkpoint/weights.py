@@ -10,6 +10,7 @@ primary slot's arrays carry no prefix; another slot's are under ``<slot>.``.
 
 import os
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from thann.checkpoint import zarr_store
@@ -96,6 +97,35 @@ def load_weights(model_chunks: list, path: str, prefix: str = "", strict: bool =
 
         fresh = sorted(name for name, leaf in wanted.items() if not saved(leaf))
         wanted = {name: leaf for name, leaf in wanted.items() if name not in fresh}
-    loaded = zarr_store.load({"model": wanted}, path, verify_all=False)
+    loaded = zarr_store.load({"model": wanted}, path)
     part.module.load_state_dict(loaded["model"], strict=strict)
+    return fresh
+
+
+def load_arrays(model_chunks: list, arrays: dict, strict: bool = True) -> list[str]:
+    """Fills this rank's model stage from whole arrays named and shaped as a checkpoint's (an
+    imported model's, thann.checkpoint.mixtral): each rank copies its own slices, in any layout.
+    ``strict=False`` leaves what ``arrays`` lacks as initialised; returns the names of what was left."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    part = ModelPart(model_chunks)
+    wanted = part.state(is_loading=True)
+    fresh = [] if strict else sorted(name for name, leaf in wanted.items()
+                                     if isinstance(leaf, ShardedTensor) and leaf.key not in arrays)
+    wanted = {name: leaf for name, leaf in wanted.items() if name not in fresh}
+
+    def read(leaf):
+        if isinstance(leaf, ShardedTensor):
+            array = arrays[leaf.key]
+            if tuple(array.shape) != tuple(leaf.global_shape):
+                raise ValueError(f"{leaf.key}: imported shape {list(array.shape)}, this model expects "
+                                 f"{list(leaf.global_shape)}")
+            leaf.data.copy_(array[leaf.global_slice()].view(leaf.data.shape))
+            return leaf.data
+        return leaf.data if isinstance(leaf, ShardedObject) else leaf  # the module's own extra state
+
+    with torch.no_grad():
+        dict_list_map_inplace(read, wanted)
+    part.module.load_state_dict(wanted, strict=strict)
     return fresh

@@ -49,7 +49,8 @@ class Pretrain(Recipe):
         from thann.data.checks import check_tokenizer
 
         return {"model": SlotSpec(cfg.model, vocab_size=check_tokenizer(cfg.data).vocab_size,
-                                  seq_length=cfg.train.seq_length, optim=cfg.train)}
+                                  seq_length=cfg.train.seq_length, optim=cfg.train,
+                                  init=None if cfg.init_from is None else str(cfg.init_from))}
 
     def __init__(self, cfg: DictConfig, layout):
         super().__init__(cfg, layout)
