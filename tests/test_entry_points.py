@@ -65,3 +65,24 @@ def test_inference_entry_points_have_real_help(command, keys):
     assert all(f"  {key}" in out.stdout for key in keys)
     assert "parallel    default" in out.stdout and "2   invalid config or usage" in out.stdout
     assert "examples:" in out.stdout
+
+
+def test_plot_draws_a_runs_curves_and_keeps_an_existing_picture(tmp_path):
+    from thann.plot import panels, series
+
+    records = [{"step": 0, "split": "valid", "loss": -0.1, "reward_mean_heldout": 0.1},
+               {"step": 1, "split": "train", "reward_mean": 0.2, "kl": 0.5},
+               {"step": 2, "split": "train", "reward_mean": None, "kl": 0.7, "nonfinite": ["reward_mean"]},
+               {"step": 3, "split": "train", "reward_mean": 0.4, "kl": 0.9}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert series(records, "train", "reward_mean") == ([1, 3], [0.2, 0.4])  # the null is left out
+    assert [title for title, _ in panels(records)] == ["reward", "KL to the reference (nats per response)"]
+    run = subprocess.run([sys.executable, "-m", "thann.plot", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    picture = (tmp_path / "curves.png").read_bytes()
+    assert picture.startswith(b"\x89PNG")
+    again = subprocess.run([sys.executable, "-m", "thann.plot", str(tmp_path)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 2 and "pass --force to overwrite it" in again.stderr
+    assert (tmp_path / "curves.png").read_bytes() == picture

@@ -88,6 +88,17 @@ def test_sampling_keeps_top_k_and_top_p_and_is_seeded_per_row():
         SamplingParams(top_p=1.5).check()
 
 
+def test_sampled_tokens_follow_the_tempered_softmax():
+    import math
+
+    logits = torch.tensor([1.0, 0.0, -0.5, 2.0])
+    params = SamplingParams(temperature=0.7)
+    draws = [choose(logits, params, row_generator(3, r)) for r in range(20000)]
+    weights = [math.exp(x / 0.7) for x in logits.tolist()]
+    for token, weight in enumerate(weights):
+        assert draws.count(token) / len(draws) == pytest.approx(weight / sum(weights), abs=0.012)
+
+
 def _generate(overrides: list[str], nproc: int = 1, timeout: int = 300):
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                     f"--nproc-per-node={nproc}", "--standalone"]

@@ -62,10 +62,12 @@ def _args(name: str, **fields):
 
 
 @pytest.mark.parametrize("args", [
-    _args("thann_tiny"), _args("thann_tiny", tie_embeddings=False), _args("thann_tiny", tokenization={"enabled": False}),
+    _args("thann_tiny"), _args("thann_tiny", tie_embeddings=False),
+    _args("thann_tiny", tokenization={"enabled": False}),
     _args("gpt_tiny"), _args("nnn_tiny"),
     _args("thann_tiny", arch="thann_encoder", pooling="mean", projection_dim=64, learnt_temperature=0.05),
-], ids=["thann", "thann_untied", "thann_no_tokenization", "gpt", "nnn", "thann_encoder"])
+    _args("thann_tiny", arch="thann_value"),
+], ids=["thann", "thann_untied", "thann_no_tokenization", "gpt", "nnn", "thann_encoder", "thann_value"])
 def test_the_flop_formula_is_what_a_forward_and_backward_compute(single_rank, args):
     from thann.models import registry
 
@@ -76,6 +78,8 @@ def test_the_flop_formula_is_what_a_forward_and_backward_compute(single_rank, ar
     with FlopCounterMode(display=False, custom_mapping=MAPPING) as counter:
         if args.arch == "thann_encoder":
             output = model(tokens, positions, torch.full((B,), S))
+        elif args.arch == "thann_value":
+            output = model(tokens, positions)
         else:
             output = model(tokens, positions, None, labels=tokens)
         output.float().sum().backward()

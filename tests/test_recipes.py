@@ -93,8 +93,8 @@ def test_a_new_recipe_and_model_touch_nothing_of_thann():
         for name in files:
             if name.endswith(".py"):
                 text = open(os.path.join(folder, name), encoding="utf-8").read()
-                assert not any(word in text for word in ("mlp_lm", "MLPLanguageModel", "tests/support", "recipe:Distill")), \
-                    os.path.join(folder, name)
+                words = ("mlp_lm", "MLPLanguageModel", "tests/support", "recipe:Distill")
+                assert not any(word in text for word in words), os.path.join(folder, name)
 
 
 def test_a_weight_written_after_the_optimizer_step_reaches_the_master_weights_on_every_rank(tiny_corpus, tmp_path):

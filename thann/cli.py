@@ -211,7 +211,7 @@ PRETRAIN = EntryPoint(
     "thann.recipes.pretrain:Pretrain", "config", "pretrain_thann.py (thann-pretrain)",
     "Pretrains a language model (model.arch: thann, nnn or gpt) on next-token prediction; resumes the newest "
     "checkpoint in checkpoint.dir.",
-    ("train.seq_length", *_TRAINING_KEYS, "data.paths", "train.sample.prompt"),
+    ("train.seq_length", *_TRAINING_KEYS, "data.paths", "train.sample.prompt", "init_from"),
     (".venv/bin/python pretrain_thann.py train.steps=50 train.lr=1e-3",
      ".venv/bin/torchrun --nproc-per-node 2 pretrain_thann.py parallel.tp=2 parallel.sp=true"))
 CONTRASTIVE = EntryPoint(
@@ -225,6 +225,16 @@ CLASSIFY = EntryPoint(
     "Trains ChaosNet (or its matched MLP) on MNIST, Fashion-MNIST or 20 Newsgroups.",
     ("classify.datasets", "classify.sequential", *_TRAINING_KEYS),
     (".venv/bin/python train_classifier.py model=chaosnet_mlp classify.datasets=[newsgroups20]",))
+
+
+PPO = EntryPoint(
+    "thann.recipes.ppo:PPO", "ppo", "finetune_ppo.py (thann-ppo)",
+    "Fine-tunes a THANN language model with PPO (or a group baseline): KV-cached rollouts, a reward, a KL penalty "
+    "to the starting model.",
+    ("init_from", "ppo.reward", "ppo.advantage", "ppo.samples_per_prompt", "ppo.max_new_tokens", "ppo.temperature",
+     "ppo.kl_coef", "ppo.kl_in", "ppo.epochs", "ppo.critic.lr", *_TRAINING_KEYS),
+    (".venv/bin/python finetune_ppo.py init_from=checkpoints/thann_tiny",
+     ".venv/bin/python finetune_ppo.py ppo=grpo train.steps=100"))
 
 
 def run_recipe(entry: EntryPoint, argv: list[str] | None = None) -> None:
@@ -249,6 +259,27 @@ def run_recipe(entry: EntryPoint, argv: list[str] | None = None) -> None:
               file=sys.stderr)
         code = EXIT_ABORTED
     sys.exit(code)
+
+
+# gloo's words for a peer whose process ended ("Connection closed by peer [10.0.0.2]:4711", "Read
+# error [10.0.0.2]:4711: Connection reset by peer") and for one that stopped answering ("Timed out
+# waiting 600000ms for recv operation to complete").
+_PEER_GONE = re.compile(r"closed by peer|reset by peer|Broken pipe")
+_PEER_ADDRESS = re.compile(r"\[([0-9A-Fa-f.:]+)\]:\d+")
+_PEER_SILENT = re.compile(r"Timed out waiting (\d+)ms for (?:recv|send) operation")
+
+
+def lost_peer(error: str) -> str | None:
+    """What a collective's error says about a lost peer rank, or None if it is about something else."""
+    if _PEER_GONE.search(error):
+        address = _PEER_ADDRESS.search(error)
+        where = f"the ranks at {address.group(1)}" if address else "a peer rank"
+        return f"lost {where}: their processes ended (crashed, killed, or their node lost)"
+    silent = _PEER_SILENT.search(error)
+    if silent:
+        return (f"a peer rank did not answer for {int(silent.group(1)) / 60000:g} min (parallel.timeout_minutes): "
+                "its node hangs or its network failed")
+    return None
 
 
 def _train(recipe_class, cfg: DictConfig, stop_request) -> int:
@@ -281,9 +312,23 @@ def _train(recipe_class, cfg: DictConfig, stop_request) -> int:
         failure, every_rank, code = f"[rank {rank}] stopped: {e}", True, EXIT_NONFINITE
     except CheckpointError as e:  # agreed by every rank
         failure, detail, code = str(e), e.detail, EXIT_FAILED
+    except ConfigError as e:  # input only the run could reveal (a reward callable's result), agreed by every rank
+        failure, code = str(e), EXIT_CONFIG
     except KeyboardInterrupt:
         trainer.close("aborted by a second Ctrl-C")
         raise
+    except RuntimeError as e:
+        lost = lost_peer(str(e))
+        trainer.checkpointer.release()
+        if lost is None:
+            raise
+        # Another node's ranks are gone: every rank here fails in its next collective, and says so
+        # in one line. The process group is left to torchrun, which restarts the job or stops it.
+        failure = f"[rank {rank}] {lost}; starting again resumes from the last checkpoint"
+        if trainer.metrics is not None:
+            trainer.metrics.close(None, failure, str(e))
+        print(failure, file=sys.stderr, flush=True)
+        return EXIT_FAILED
     except BaseException:
         # Other ranks may be waiting in a collective: free the directory, leave the process group
         # to torchrun (which stops the job when a rank dies).
@@ -305,3 +350,7 @@ def contrastive() -> None:
 
 def classify() -> None:
     run_recipe(CLASSIFY)
+
+
+def ppo() -> None:
+    run_recipe(PPO)

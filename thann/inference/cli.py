@@ -87,7 +87,8 @@ def _prepare(cfg: DictConfig):
     texts = _prompts(cfg)
     template = "chat" if cfg.chat else "{prompt}"
     budget = cfg.max_sequence_length or record["seq_length"]
-    require(budget is not None, "max_sequence_length", None, "give it for a packed export (it records no sequence length)")
+    require(budget is not None, "max_sequence_length", None,
+            "give it for a packed export (it records no sequence length)")
     prompts = []
     for i, text in enumerate(texts):
         where = "prompt" if cfg.prompt is not None else f"prompts_file[{i}]"

@@ -40,12 +40,20 @@ from thann.inference.sampling import SamplingParams, choose, row_generator
 from thann.parallel import megatron_patches, state
 
 
+# What megatron-core's set_model_to_sequence_parallel switches (megatron.core.transformer.utils).
+_SEQUENCE_PARALLEL_ATTRIBUTES = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
+
+
+def _unmodified(logits_BV: torch.Tensor, tokens_B: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits_BV, dim=-1).gather(1, tokens_B.unsqueeze(1)).squeeze(1)
+
+
 @dataclass
 class Generation:
-    """One prompt's result. ``logprobs[i]`` is the log-probability of ``tokens[i]`` under the
-    model's own next-token distribution: the softmax of the raw logits, before temperature,
-    top-k or top-p reshape the distribution the token was drawn from (so a training forward of
-    the same sequence reproduces it, as PPO needs)."""
+    """One prompt's result. ``logprobs[i]`` is the log-probability of ``tokens[i]``, by default
+    under the model's own next-token distribution: the softmax of the raw logits, before
+    temperature, top-k or top-p reshape the distribution the token was drawn from (what a
+    training forward of the same sequence gives); ``generate(logprobs=...)`` chooses another."""
 
     prompt_tokens: list[int]
     tokens: list[int] = field(default_factory=list)
@@ -109,10 +117,15 @@ class Generator:
     @contextlib.contextmanager
     def _decoding(self):
         """The chunks in evaluation mode with sequence parallelism off (and on one stage outside
-        the CPU function mode), restored afterwards."""
+        the CPU function mode), restored afterwards: every attribute megatron-core's switch sets is
+        put back to the value it had (THANN's embedding does not scatter: its learnt
+        tokenization does, so switching sequence parallelism back on would scatter twice)."""
         modules = [unwrap_model(chunk) for chunk in self.chunks]
         was_training = [chunk.training for chunk in self.chunks]
         sequence_parallel = modules[0].config.sequence_parallel
+        saved = [(owner, name, getattr(owner, name)) for module in modules
+                 for owner in [module.config, *module.modules()] for name in _SEQUENCE_PARALLEL_ATTRIBUTES
+                 if hasattr(owner, name)]
         for chunk in self.chunks:
             chunk.eval()
         if sequence_parallel:
@@ -123,20 +136,22 @@ class Generator:
             with contextlib.nullcontext() if self.pipelined else megatron_patches.function_mode_suspended():
                 yield
         finally:
-            if sequence_parallel:
-                for module in modules:
-                    set_model_to_sequence_parallel(module, True)
+            for owner, name, value in saved:
+                setattr(owner, name, value)
             for chunk, training in zip(self.chunks, was_training):
                 chunk.train(training)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, first_index: int = 0,
                  on_token: Callable[[int, Generation], None] | None = None,
-                 keep_logits: bool = False) -> list[Generation]:
+                 keep_logits: bool = False, logprobs: Callable | None = None) -> list[Generation]:
         """Continues every prompt; returns one Generation per prompt, on every rank.
         ``first_index``: the prompts' position in a larger request, which seeds their random
         streams. ``on_token(row, generation)`` is called after each new token (streaming).
-        Prefills to the shortest prompt, then feeds one position per step until every row is done."""
+        ``logprobs(logits_BV, tokens_B)``: how the reported log-probabilities are computed from a
+        step's logits (default: the model's unmodified distribution; PPO passes its own, the one
+        its update uses). Prefills to the shortest prompt, then feeds one position per step until
+        every row is done."""
         params.check()
         self.check_prompts(prompts)
         results = [Generation(list(p), logits=[] if keep_logits else None) for p in prompts]
@@ -152,18 +167,17 @@ class Generator:
                 logits_BV = self._forward(contexts, fed, offset)
                 offset += fed.size(1)
                 chosen = torch.zeros(B, dtype=torch.long, device=device)
-                logprobs = torch.zeros(B, dtype=torch.float32, device=device)
+                chosen_logprobs = torch.zeros(B, dtype=torch.float32, device=device)
                 if logits_BV is not None:
-                    logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
                     for i in range(B):
                         if offset < lengths[i] or finished[i]:
                             continue
                         chosen[i] = choose(logits_BV[i], params, streams[i])
-                        logprobs[i] = logprobs_BV[i, chosen[i]]
                         if keep_logits:
                             results[i].logits.append(logits_BV[i].cpu())
+                    chosen_logprobs = (logprobs or _unmodified)(logits_BV, chosen).float()
                 self._share(chosen)
-                self._share(logprobs)
+                self._share(chosen_logprobs)
                 next_tokens = []
                 for i, result in enumerate(results):
                     if offset < lengths[i]:
@@ -171,7 +185,8 @@ class Generator:
                     elif finished[i]:
                         next_tokens.append(self.tokenizer.eod)
                     else:
-                        self._append(result, int(chosen[i]), float(logprobs[i]), params, offset + 1 >= end)
+                        self._append(result, int(chosen[i]), float(chosen_logprobs[i]), params,
+                                     offset + 1 >= end)
                         finished[i] = bool(result.finish_reason)
                         next_tokens.append(int(chosen[i]))
                         if on_token is not None:

@@ -4,9 +4,12 @@ tools and benchmarks.
     thann           the MoE transformer with learnt tokenization (thann.models.thann)
     gpt             THANN's layers with a dense SwiGLU MLP and no learnt tokenization: the baseline
     thann_encoder   THANN's decoder with a pooled-embedding head (contrastive training, embeddings)
+    thann_value     THANN's decoder with a scalar per position (a PPO critic, a reward model)
     nnn             the cascade of matmul-free nodes (thann.models.nnn)
     chaosnet        chaotic spiking neurons with neuron death, a classifier (thann.models.chaosnet)
     mlp_baseline    ChaosNet's front-ends and heads around a parameter-matched ReLU layer
+    nhsnet          Hebbian, sparse, gated, growing and pruned conv net, an image classifier (thann.models.nhsnet)
+    resnet          a plain ResNet matched to NHS-Net's parameter count
 
 A ModelSpec checks a model config alone and against a layout, makes megatron-core's
 TransformerConfig (the model's own instance), builds one pipeline stage, counts its parameters
@@ -111,14 +114,15 @@ _THANN_SHAPE = ("hidden_size", "num_layers", "num_attention_heads", "num_query_g
                 "rotary_base", "use_te", "tokenization.enabled", "tokenization.conv_widths")
 
 
-def _thann(arch: str, encoder: bool = False) -> ModelSpec:
+def _thann(arch: str, head: str | None = None) -> ModelSpec:
+    """THANN (``head`` None), or its decoder with the ``encoder`` or ``value`` head."""
     def check(args, parallel_cfg, recompute: str) -> None:
         from thann.models.thann import checks
 
         checks.check_model(args, dense=arch == "gpt")
         checks.check_layout(args, parallel_cfg)
         checks.check_recompute(recompute)
-        if encoder:
+        if head == "encoder":
             from thann.models.common.heads import POOLINGS
 
             require(args.pooling in POOLINGS, "contrastive.pooling", args.pooling, f"must be one of {list(POOLINGS)}")
@@ -131,25 +135,30 @@ def _thann(arch: str, encoder: bool = False) -> ModelSpec:
         return transformer_config(args, parallel_cfg, bf16=bf16, recompute=recompute)
 
     def build(config, args, vocab_size, max_sequence_length, pre_process, post_process):
-        if encoder:
+        if head == "encoder":
             from thann.models.thann.encoder import ThannEncoder
 
             return ThannEncoder(config, args, vocab_size, max_sequence_length, args.pooling, args.projection_dim,
                                 args.learnt_temperature, pre_process=pre_process, post_process=post_process)
+        if head == "value":
+            from thann.models.thann.encoder import ThannValue
+
+            return ThannValue(config, args, vocab_size, max_sequence_length, pre_process=pre_process,
+                              post_process=post_process)
         from thann.models.thann.model import ThannModel
 
         return ThannModel(config, args, vocab_size, max_sequence_length, pre_process=pre_process,
                           post_process=post_process)
 
     def count(args, vocab_size: int) -> Size:
-        from thann.models.thann.size import encoder_size, model_size
+        from thann.models.thann.size import encoder_size, model_size, value_size
 
-        return encoder_size(args, vocab_size) if encoder else model_size(args, vocab_size)
+        return {"encoder": encoder_size, "value": value_size}.get(head, model_size)(args, vocab_size)
 
-    shape_fields = _THANN_SHAPE + (("projection_dim", "learnt_temperature") if encoder else ())
+    shape_fields = _THANN_SHAPE + (("projection_dim", "learnt_temperature") if head == "encoder" else ())
     defaults = (("use_te", False),) + ((("tokenization.enabled", True),) if arch != "gpt" else ())
     return ModelSpec(arch, check, transformer_config, build, count, shape_fields, defaults,
-                     initialised_by=("thann",) if encoder else ())
+                     initialised_by=("thann",) if head else ())
 
 
 def _nnn() -> ModelSpec:
@@ -212,6 +221,36 @@ def _classifier(arch: str) -> ModelSpec:
     return ModelSpec(arch, check, transformer_config, build, count, shape_fields, reads_tokens=False)
 
 
-for _spec in (_thann("thann"), _thann("gpt"), _thann("thann_encoder", encoder=True), _nnn(),
-              _classifier("chaosnet"), _classifier("mlp_baseline")):
+def _image_classifier(arch: str) -> ModelSpec:
+    def check(args, parallel_cfg, recompute: str) -> None:
+        from thann.models.nhsnet import check_layout, check_model_config
+
+        check_model_config(args)
+        check_layout(parallel_cfg)
+        require(recompute == "none", "train.recompute", recompute, "a classifier has no activation recompute: use none")
+
+    def transformer_config(args, parallel_cfg, *, bf16: bool, recompute: str = "none"):
+        from thann.models.nhsnet import nhsnet_transformer_config
+
+        return nhsnet_transformer_config(args, bf16=bf16)
+
+    def build(config, args, vocab_size, max_sequence_length, pre_process, post_process):
+        from thann.models.nhsnet import build_classifier
+
+        return build_classifier(config, args)
+
+    def count(args, vocab_size) -> Size:
+        from thann.models.nhsnet import classifier_size
+
+        return classifier_size(args)
+
+    shape_fields = ("image.channels", "image.size", "stem_width", "widths", "blocks", "group_size", "reduction",
+                    "pool", "sparse.enabled", "sparse.sparsity", "gate.enabled", "se.enabled", "growth.enabled",
+                    "growth.max_widths", "heads") + (("inner_widths",) if arch == "resnet" else ())
+    return ModelSpec(arch, check, transformer_config, build, count, shape_fields, reads_tokens=False)
+
+
+for _spec in (_thann("thann"), _thann("gpt"), _thann("thann_encoder", "encoder"), _thann("thann_value", "value"),
+              _nnn(), _classifier("chaosnet"), _classifier("mlp_baseline"), _image_classifier("nhsnet"),
+              _image_classifier("resnet")):
     register(_spec)

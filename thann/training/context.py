@@ -104,7 +104,7 @@ class StepContext:
             return output, scaled
 
         reports = self._schedule(forward_step_func=step, data_iterator=iter(held), model=target.chunks,
-                                 num_microbatches=nmb, seq_length=seq_length or self._train.seq_length,
+                                 num_microbatches=nmb, seq_length=seq_length or self._train.get("seq_length"),
                                  micro_batch_size=micro_batch_size or self._train.micro_batch_size,
                                  forward_only=forward_only)
         return self._means(reports, target, nmb, forward_only)
@@ -113,17 +113,20 @@ class StepContext:
     def forward(self, slot: str, forward_step: Callable, batches: Iterator, *, num_microbatches: int | None = None,
                 seq_length: int | None = None, micro_batch_size: int | None = None) -> list:
         """``slot``'s outputs for ``num_microbatches`` batches of ``batches``, without gradients
-        (a frozen teacher's logits, a reference policy's log-probabilities): a list with one
-        ``forward_step(batch, model)`` result per micro-batch on the last pipeline stage, empty
-        on the others."""
+        (a frozen teacher's logits, a reference policy's log-probabilities). ``forward_step(batch,
+        model) -> (output, finish)`` as for forward_backward: ``output`` is what the model returned
+        (on an earlier pipeline stage, the activations sent on), ``finish(output)`` what to keep of
+        it on the last stage. A list with one ``finish`` result per micro-batch on the last
+        pipeline stage, empty on the others."""
         target = self.slots[slot]
         nmb = num_microbatches or self.num_microbatches
 
         def step(data_iterator, model):
-            return forward_step(next(data_iterator), model), lambda output, non_loss_data=False: output
+            output, finish = forward_step(next(data_iterator), model)
+            return output, lambda output, non_loss_data=False: finish(output)
 
         return self._schedule(forward_step_func=step, data_iterator=batches, model=target.chunks,
-                              num_microbatches=nmb, seq_length=seq_length or self._train.seq_length,
+                              num_microbatches=nmb, seq_length=seq_length or self._train.get("seq_length"),
                               micro_batch_size=micro_batch_size or self._train.micro_batch_size,
                               forward_only=True, collect_non_loss_data=True)
 
@@ -151,7 +154,8 @@ class StepContext:
             starts.append(_rng_snapshot())
             return embed(next(data_iterator), model), lambda output, non_loss_data=False: output
 
-        schedule = dict(model=target.chunks, num_microbatches=nmb, seq_length=seq_length or self._train.seq_length,
+        schedule = dict(model=target.chunks, num_microbatches=nmb,
+                        seq_length=seq_length or self._train.get("seq_length"),
                         micro_batch_size=micro_batch_size or self._train.micro_batch_size)
         with torch.no_grad():
             embeddings = self._schedule(forward_step_func=embed_step, data_iterator=iter(held), forward_only=True,

@@ -17,11 +17,12 @@ from tqdm import tqdm
 
 
 LOG_FILE = "run.log"
+SAMPLES_FILE = "samples.jsonl"  # what a recipe generates at its evaluations, one JSON object per sample
 
 
 def run_files(logging_cfg) -> list[str]:
     """The files a run writes beside its checkpoints (set aside with them by a fresh start)."""
-    return [logging_cfg.metrics_file, "config.yaml", LOG_FILE, "tensorboard"]
+    return [logging_cfg.metrics_file, SAMPLES_FILE, "config.yaml", LOG_FILE, "tensorboard"]
 
 
 def strict_json(record: dict) -> str:
@@ -92,13 +93,14 @@ class MetricsLogger:
         OmegaConf.save(cfg, os.path.join(cfg.checkpoint.dir, "config.yaml"), resolve=True)
         # A fresh start found the directory without an earlier run's files (Checkpointer.start_fresh).
         self.path = os.path.join(cfg.checkpoint.dir, cfg.logging.metrics_file)
-        if resumed_step is not None and os.path.exists(self.path):
-            keep_records_up_to(self.path, resumed_step)
+        for records in (self.path, os.path.join(cfg.checkpoint.dir, SAMPLES_FILE)):
+            if resumed_step is not None and os.path.exists(records):
+                keep_records_up_to(records, resumed_step)
         self._file = open(self.path, "a")
         self.log_path = os.path.join(cfg.checkpoint.dir, LOG_FILE)
         self._log = open(self.log_path, "a")
-        self._log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {'resumed at step %d' % resumed_step if resumed_step is not None else 'started'}"
-                        f" (layout {layout_description})\n")
+        started = "started" if resumed_step is None else f"resumed at step {resumed_step}"
+        self._log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {started} (layout {layout_description})\n")
         if cfg.logging.progress:
             self._bar = tqdm(total=cfg.train.steps, initial=resumed_step or 0, desc="train", unit="step",
                              dynamic_ncols=True)

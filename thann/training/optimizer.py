@@ -10,8 +10,9 @@ optimizer, so the state is created up front (exactly what Adam's first step woul
 loading the model-space ("fully_reshardable") checkpoint form copies every state tensor it finds,
 the step included, from a source that has none (KeyError: 'step'), so the step is set aside
 during that copy (item B of thann.parallel.megatron_patches); megatron-core then restores the
-step from the param groups as one tensor shared by every parameter, which torch's foreach Adam would increment once per parameter, so
-each parameter gets its own copy back (``unshare_adam_steps``, after loading).
+step from the param groups as one tensor shared by every parameter, which torch's foreach Adam
+would increment once per parameter, so each parameter gets its own copy back
+(``unshare_adam_steps``, after loading).
 """
 
 import torch

@@ -34,6 +34,7 @@ class SlotSpec:
     init: str | None = None  # a checkpoint to start from: every start (frozen), a fresh start (trainable)
     init_slot: str | None = None  # which slot of ``init`` (None: its primary)
     init_strict: bool = True  # False: parts ``init`` lacks keep their initial weights (a new head)
+    init_field: str = "init_from"  # where ``init`` comes from in the run's config (names a refusal)
 
     @property
     def trainable(self) -> bool:

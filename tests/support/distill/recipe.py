@@ -15,7 +15,7 @@ from thann.parallel import state
 from thann.training.recipe import Recipe
 from thann.training.slots import SlotSpec
 
-import model  # noqa: F401  registers mlp_lm (the one registry line of a new model)
+from model import MLPLanguageModel  # noqa: F401  importing it registers mlp_lm (the model's one registry line)
 
 
 def _teacher(cfg: DictConfig) -> tuple[str, dict]:
@@ -36,7 +36,7 @@ class Distill(Recipe):
         path, teacher = _teacher(cfg)
         vocab = check_data(cfg.data).vocab_size
         return {"teacher": SlotSpec(OmegaConf.create(teacher["args"]), "distill.teacher", vocab_size=vocab,
-                                    seq_length=cfg.train.seq_length, init=path),
+                                    seq_length=cfg.train.seq_length, init=path, init_field="distill.teacher"),
                 "student": SlotSpec(cfg.distill.student, "distill.student", vocab_size=vocab,
                                     seq_length=cfg.train.seq_length, optim=cfg.train)}
 
@@ -47,7 +47,8 @@ class Distill(Recipe):
         self.tokens_per_sample = train.seq_length
         self.train_set, self.valid_set = build_datasets(
             cfg.data, self.tokenizer, train.seq_length, train.seed,
-            train_samples=train.steps * train.global_batch_size, valid_samples=train.eval_iters * train.global_batch_size)
+            train_samples=train.steps * train.global_batch_size,
+            valid_samples=train.eval_iters * train.global_batch_size)
         self.order = SampleOrder.of(layout, train.global_batch_size, train.micro_batch_size)
 
     def train_batches(self, consumed_samples: int):
@@ -57,6 +58,10 @@ class Distill(Recipe):
     def _tokens(batch: dict, model) -> torch.Tensor:
         tokens = batch["tokens"].to(state.device())
         return model(tokens, batch["position_ids"].to(state.device()), None)
+
+    @classmethod
+    def _teacher_logits(cls, batch: dict, model):
+        return cls._tokens(batch, model), lambda logits: logits
 
     def _kl(self, teacher_logits: list, batches: list, ctx, forward_only: bool) -> dict:
         vocab = self.tokenizer.vocab_size
@@ -75,7 +80,7 @@ class Distill(Recipe):
 
     def step(self, ctx, batches) -> dict[str, float]:
         held = [next(batches) for _ in range(self.order.num_microbatches)]
-        teacher = ctx.forward("teacher", self._tokens, iter(held))
+        teacher = ctx.forward("teacher", self._teacher_logits, iter(held))
         means = self._kl(teacher, held, ctx, forward_only=False)
         return {"loss": means["kl"], **means, "grad_norm": ctx.optimizer_step("student", means["kl"])}
 
@@ -83,6 +88,6 @@ class Distill(Recipe):
         held = list(zip(range(self.cfg.train.eval_iters * self.order.num_microbatches),
                         micro_batches(self.valid_set, self.order, 0)))
         held = [batch for _, batch in held]
-        teacher = ctx.forward("teacher", self._tokens, iter(held), num_microbatches=len(held))
+        teacher = ctx.forward("teacher", self._teacher_logits, iter(held), num_microbatches=len(held))
         means = self._kl(teacher, held, ctx, forward_only=True)
         return {"loss": means["kl"], **means}

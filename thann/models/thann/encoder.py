@@ -1,8 +1,15 @@
-"""THANN's decoder as an encoder (contrastive pretraining, embeddings): the same embedding,
-learnt tokenization and decoder layers, with the final norm, and a pooled-embedding head in
-place of the LM head. Its weights carry the same names as the language model's, so a
-pretraining checkpoint of any layout initialises it; the head's are new."""
+"""THANN's decoder with a head other than the LM head: the same embedding, learnt tokenization
+and decoder layers, with the final norm, then
 
+- ``ThannEncoder``: a pooled-embedding head, one L2-normalised vector per text (contrastive
+  training, embeddings);
+- ``ThannValue``: a scalar per position (a PPO critic's values, a reward model's score).
+
+Their weights carry the same names as the language model's, so a pretraining checkpoint of any
+layout initialises them; the heads' are new.
+"""
+
+import torch
 from megatron.core import tensor_parallel
 
 from thann.models.common.heads import PooledEmbedding
@@ -10,7 +17,18 @@ from thann.models.common.init import init_stream
 from thann.models.thann.model import ThannModel
 
 
-class ThannEncoder(ThannModel):
+class _HiddenStates(ThannModel):
+    def _postprocess(self, hidden_states, *args, **kwargs):
+        """The final-norm hidden states [S, B, H] instead of logits: whole sequences on every
+        tensor-parallel rank (what the head computes from them is replicated, so the gradient is
+        split back, not summed)."""
+        if self.post_process and self.config.sequence_parallel:
+            return tensor_parallel.gather_from_sequence_parallel_region(hidden_states,
+                                                                         tensor_parallel_output_grad=False)
+        return hidden_states
+
+
+class ThannEncoder(_HiddenStates):
     def __init__(self, config, model_cfg, vocab_size: int, max_sequence_length: int, pooling: str,
                  projection_dim: int | None, learnt_temperature: float | None = None, pre_process: bool = True,
                  post_process: bool = True):
@@ -28,11 +46,21 @@ class ThannEncoder(ThannModel):
             return hidden
         return self.pooled_embedding(hidden, lengths, project)
 
-    def _postprocess(self, hidden_states, *args, **kwargs):
-        """The final-norm hidden states [S, B, H] instead of logits: whole sequences on every
-        tensor-parallel rank (their pooled vectors are replicated, so the gradient is split back,
-        not summed)."""
-        if self.post_process and self.config.sequence_parallel:
-            return tensor_parallel.gather_from_sequence_parallel_region(hidden_states,
-                                                                         tensor_parallel_output_grad=False)
-        return hidden_states
+
+class ThannValue(_HiddenStates):
+    def __init__(self, config, model_cfg, vocab_size: int, max_sequence_length: int, pre_process: bool = True,
+                 post_process: bool = True):
+        super().__init__(config, model_cfg, vocab_size, max_sequence_length, pre_process=pre_process,
+                         post_process=post_process)
+        if post_process:
+            with init_stream("value_head"):
+                self.value_head = torch.nn.Linear(config.hidden_size, 1, dtype=config.params_dtype)
+                config.init_method(self.value_head.weight)  # small: a fresh critic predicts about 0
+                torch.nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, position_ids, attention_mask=None):
+        """Last stage: one scalar per position [B, S]; other stages: hidden states for the next."""
+        hidden = super().forward(input_ids, position_ids, None)
+        if not self.post_process:
+            return hidden
+        return self.value_head(hidden).squeeze(-1).transpose(0, 1).float()

@@ -47,3 +47,12 @@ def encoder_size(model_cfg, vocab_size: int) -> Size:
     return Size(total=lm.total + head + temperature, active=lm.active + head + temperature,
                 matmul=lm.matmul - vocab_size * model_cfg.hidden_size,
                 attention_layers=lm.attention_layers, attention_width=lm.attention_width)
+
+
+def value_size(model_cfg, vocab_size: int) -> Size:
+    """THANN's decoder with a scalar per position (thann.models.thann.encoder.ThannValue): the
+    language model's parameters (its LM head built but unused) and a linear head h -> 1."""
+    lm = model_size(model_cfg, vocab_size)
+    h = model_cfg.hidden_size
+    return Size(total=lm.total + h + 1, active=lm.active + h + 1, matmul=lm.matmul - vocab_size * h + h,
+                attention_layers=lm.attention_layers, attention_width=lm.attention_width)
