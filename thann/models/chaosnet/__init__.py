@@ -25,6 +25,7 @@ def build_classifier(config, model_cfg):
 
 
 __all__ = [
-    "ChaosNeurons", "ChaosNetClassifier", "MLPBaselineClassifier", "build_classifier", "chaosnet_transformer_config", "classifier_size",
-    "check_layout", "check_model_config", "matched_hidden_width", "mlp_num_parameters", "num_parameters",
+    "ChaosNeurons", "ChaosNetClassifier", "MLPBaselineClassifier", "build_classifier", "chaosnet_transformer_config",
+    "classifier_size", "check_layout", "check_model_config", "matched_hidden_width", "mlp_num_parameters",
+    "num_parameters",
 ]

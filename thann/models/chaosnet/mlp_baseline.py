@@ -54,9 +54,10 @@ class MLPBaselineClassifier(Classifier):
         self.hidden = torch.nn.Linear(model_cfg.input_width, self.hidden_width, **factory)
         self.heads = build_heads(model_cfg, self.hidden_width, **factory)
 
-    def draw_randomness(self, batch: int, generator: torch.Generator, death_rate: float):
+    def draw_randomness(self, batch: int, generator: torch.Generator, death_rate: float | None = None):
         """(keep_BTH, None). keep is 0 or 1/(1 - death_rate). There is no noise; the None is there
         so that both models are called the same way."""
+        death_rate = self.death_rate(death_rate)
         check_death_rate(death_rate)
         shape = (batch, self.ticks, self.hidden_width)
         keep_BTH = (torch.rand(shape, generator=generator, device=generator.device) >= death_rate).float()

@@ -149,6 +149,11 @@ class Classifier(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder  # read by megatron-core's schedules
         self.modality = {name: head.modality for name, head in model_cfg.heads.items()}
         self.frontends = build_frontends(model_cfg, **parameter_factory(config))
+        self.death_rates = {True: model_cfg.train_death_rate, False: model_cfg.eval_death_rate}
+
+    def death_rate(self, rate: float | None) -> float:
+        """``rate``, or (None) the configured death rate of the current mode, training or evaluation."""
+        return self.death_rates[self.training] if rate is None else rate
 
     def set_input_tensor(self, input_tensor) -> None:
         """megatron-core's schedules call this on every model. A one-stage model receives nothing."""
@@ -169,8 +174,8 @@ class ChaosNetClassifier(Classifier):
         )
         self.heads = build_heads(model_cfg, model_cfg.neurons, **factory)
 
-    def draw_randomness(self, batch: int, generator: torch.Generator, death_rate: float):
-        return self.core.draw_randomness(batch, generator, death_rate)
+    def draw_randomness(self, batch: int, generator: torch.Generator, death_rate: float | None = None):
+        return self.core.draw_randomness(batch, generator, self.death_rate(death_rate))
 
     def forward(self, inputs: torch.Tensor, head: str, alive_BTN: torch.Tensor, noise_BTN: torch.Tensor,
                 labels=None) -> torch.Tensor:

@@ -1,9 +1,27 @@
-"""Classification with ChaosNet or its parameter-matched MLP: the recipe of train_classifier.py.
+"""Classification with any classifier of the model registry: the recipe of train_classifier.py.
 
 Datasets (thann.data.classification): MNIST, Fashion-MNIST and 20 Newsgroups (standing in for
 AG News). ``classify.datasets`` names them; the model (one trainable slot, ``model``) gets one
-head per dataset around one shared core, and one front-end per modality
-(thann/models/chaosnet/README.md).
+head per dataset (its ``heads``, derived) around what it shares: ChaosNet's core and a front-end
+per modality (thann/models/chaosnet/README.md), NHS-Net's conv net (thann/models/nhsnet/README.md).
+
+What the recipe asks of a classifier (the registry builds it; ``reads_tokens`` is False):
+- ``model(inputs, head, *randomness)`` -> logits [B, C], inputs a micro-batch of the dataset's
+  tensors (uint8 pixels, token ids);
+- optionally ``draw_randomness(batch, generator, rate=None)`` -> a tuple of per-sample tensors
+  [batch, ...] (or None): a model whose forward takes randomness (ChaosNet's neuron death, the
+  MLP's dropout) draws it from the generator the recipe hands it (below); ``rate`` None is the
+  model's own death rate for its mode (training or evaluation), a number a rate of
+  ``classify.eval_death_rates``. A model without it takes no randomness;
+- optionally ``after_step(step, all_reduce_sum)`` -> the parameters it wrote, and
+  ``discard_statistics()``: a model with local rules (NHS-Net's Hebbian update, gate state,
+  growth, pruning) gathers statistics in its training forwards and applies the rules after each
+  optimizer step, through the slot's after-step hook (so the writes reach megatron-core's fp32
+  master weights through ``ctx.weights_changed``). The model decides what must agree across
+  ranks: it sums every statistic it reads with ``all_reduce_sum`` (over the data-parallel
+  group), so its buffers (masks, gate state) and writes are the same on every rank and equal a
+  single rank's on the global batch. A step whose update is skipped (a non-finite loss) discards
+  its statistics.
 
 What a global batch trains (g: its index = consumed samples / global batch size; K datasets):
 - one dataset: that dataset;
@@ -21,8 +39,8 @@ is the number of its samples trained so far, a function of g. Within a global ba
 data-parallel ranks in the one order (thann.data.order), so every layout trains the same
 samples in every step.
 
-Randomness: neuron death masks and membrane noise (the MLP's dropout masks) come from
-torch.Generators seeded from (train.seed, stream, index), never from the global RNG, drawn for
+Randomness (for a model that draws it): neuron death masks and membrane noise (the MLP's
+dropout masks) come from torch.Generators seeded from (train.seed, stream, index), never from the global RNG, drawn for
 a whole global batch (or evaluation block) and sliced to this rank's rows:
 - training batch g: from (seed, TRAIN_MASKS, g);
 - evaluation of dataset k: block b of its evaluation samples (global-batch-sized) from
@@ -36,8 +54,9 @@ seed 0, the same for every run).
 Reported: training ``loss`` (cross entropy) and ``accuracy`` of the batch; at every evaluation
 the same on ``train.eval_iters`` global batches of the current dataset's evaluation samples (the
 stage's; the last of classify.datasets when they are interleaved), plus ``accuracy_<dataset>``
-on all evaluation samples of every dataset seen so far (at model.eval_death_rate), and at the
-last evaluation ``accuracy_<dataset>_death_<rate>`` for each rate of ``classify.eval_death_rates``.
+on all evaluation samples of every dataset seen so far (at the model's evaluation death rate, if
+any), and at the last evaluation ``accuracy_<dataset>_death_<rate>`` for each rate of
+``classify.eval_death_rates`` (a model with neuron death only).
 """
 
 import math
@@ -137,6 +156,8 @@ def _check_classify(cfg: DictConfig) -> None:
     rates = c.eval_death_rates
     require(isinstance(rates, (list, ListConfig)) and all(isinstance(r, (int, float)) and 0 <= r < 1 for r in rates),
             "classify.eval_death_rates", rates, "must be a list of death rates in [0, 1)")
+    require(not rates or "eval_death_rate" in cfg.model, "classify.eval_death_rates", rates,
+            f"model {cfg.model.arch} has no neuron death (no model.eval_death_rate): use []")
 
 
 def classification_loss(labels: torch.Tensor, logits: torch.Tensor):
@@ -147,6 +168,11 @@ def classification_loss(labels: torch.Tensor, logits: torch.Tensor):
     count = torch.tensor(float(len(labels)), device=logits.device)
     return losses.sum(), {"cross_entropy": torch.stack([losses.sum().detach(), count]),
                           "accuracy": torch.stack([correct, count])}
+
+
+def _data_parallel_sum(tensor: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
+    return tensor
 
 
 class Classify(Recipe):
@@ -173,9 +199,11 @@ class Classify(Recipe):
         self.order = SampleOrder.of(layout, train.global_batch_size, train.micro_batch_size)
         data_dir = None if self.c.data_dir is None else str(self.c.data_dir)
         self.train_sets, self.eval_sets = [], []
+        # a text front-end's document length; image datasets ignore it (and image models have none)
+        text = {"max_tokens": self.model_cfg.text.max_tokens} if "text" in self.model_cfg else {}
         for name in self.c.datasets:
-            train_set = load(name, "train", max_tokens=self.model_cfg.text.max_tokens, cache_dir=data_dir)
-            test_set = load(name, "test", max_tokens=self.model_cfg.text.max_tokens, cache_dir=data_dir)
+            train_set = load(name, "train", cache_dir=data_dir, **text)
+            test_set = load(name, "test", cache_dir=data_dir, **text)
             self._check_data(name, train_set)
             n = len(test_set) if self.c.eval_samples is None else min(self.c.eval_samples, len(test_set))
             subset = torch.randperm(len(test_set), generator=generator(0, EVAL_SUBSET, DATASETS.index(name)))[:n]
@@ -187,6 +215,7 @@ class Classify(Recipe):
             self.tokenizer = build_tokenizer("tiktoken", "cl100k_base")  # the one classification.py encodes with
         self._orders: dict[int, tuple[int, torch.Tensor]] = {}
         self.current = 0  # the dataset of the current step or evaluation
+        self._hooked = False  # the model's local rules are on the slot's after-step hooks
 
     def _check_data(self, name: str, data) -> None:
         m = self.model_cfg
@@ -201,20 +230,33 @@ class Classify(Recipe):
 
     # -- the step -----------------------------------------------------------------------------------
 
+    def _randomness(self, model, stream: tuple, rate: float | None) -> tuple:
+        """The randomness of a global-batch-sized block, from its stream, for a model that draws
+        some; () for one that does not."""
+        draw = getattr(unwrap_model(model), "draw_randomness", None)
+        return () if draw is None else draw(self.G, generator(self.cfg.train.seed, *stream), rate)
+
     def forward_step(self, batch: dict, model):
-        """One micro-batch; its death masks and noise are drawn for the whole block the batch
-        belongs to (from its stream) and sliced to the batch's rows."""
-        device = state.device()
-        alive, noise = unwrap_model(model).draw_randomness(self.G, generator(self.cfg.train.seed, *batch["stream"]),
-                                                      batch["death_rate"])
-        rows = batch["rows"]
-        logits = model(batch["inputs"].to(device), batch["head"], alive[rows].to(device),
-                       None if noise is None else noise[rows].to(device))
+        """One micro-batch; its randomness is drawn for the whole block the batch belongs to (from
+        its stream) and sliced to the batch's rows."""
+        device, rows = state.device(), batch["rows"]
+        randomness = [None if r is None else r[rows].to(device) for r in self._randomness(model, batch["stream"], None)]
+        logits = model(batch["inputs"].to(device), batch["head"], *randomness)
         labels = batch["labels"].to(device)
         return logits, lambda output: classification_loss(labels, output)
 
+    def _apply_local_rules(self, ctx) -> None:
+        """Puts the model's local rules (if it has any) on the slot's after-step hooks, once."""
+        self._hooked = True
+        slot = ctx.slots["model"]
+        if hasattr(slot.module, "after_step"):
+            # ctx.position counts the steps done before this one, hence + 1
+            slot.after_step.append(lambda target: target.module.after_step(ctx.position.step + 1, _data_parallel_sum))
+
     def step(self, ctx, batches) -> dict[str, float]:
         """A step that starts a sequential stage first resets the optimizer's state."""
+        if not self._hooked:
+            self._apply_local_rules(ctx)
         done = ctx.position.consumed_samples // self.G
         self.current = self.schedule.dataset_of(done)
         if self.schedule.stage_starts(done):
@@ -223,8 +265,10 @@ class Classify(Recipe):
                         f"{self.c.datasets[self.current]} (optimizer state reset)")
         means = ctx.forward_backward("model", self.forward_step, batches, seq_length=1)
         loss = means["cross_entropy"]
-        return {"loss": loss, **means, "grad_norm": ctx.optimizer_step("model", loss),
-                "dataset": self.c.datasets[self.current]}
+        grad_norm = ctx.optimizer_step("model", loss)
+        if ctx.skipped and hasattr(ctx.slots["model"].module, "discard_statistics"):
+            ctx.slots["model"].module.discard_statistics()
+        return {"loss": loss, **means, "grad_norm": grad_norm, "dataset": self.c.datasets[self.current]}
 
     # -- data ---------------------------------------------------------------------------------------
 
@@ -247,12 +291,12 @@ class Classify(Recipe):
             start, count = start + take, count - take
         return torch.cat(parts)
 
-    def _micro_batches(self, k: int, inputs, labels, stream: tuple, death_rate: float):
+    def _micro_batches(self, k: int, inputs, labels, stream: tuple):
         """This rank's micro-batches of one global-batch-sized block."""
         for m in range(self.order.num_microbatches):
             rows = torch.tensor(list(self.order.rows(m)))
             yield {"head": self.c.datasets[k], "inputs": inputs[rows], "labels": labels[rows], "rows": rows,
-                   "stream": stream, "death_rate": death_rate}
+                   "stream": stream}
 
     def train_batches(self, consumed_samples: int):
         g = consumed_samples // self.G
@@ -260,8 +304,7 @@ class Classify(Recipe):
             k = self.schedule.dataset_of(g)
             data = self.train_sets[k]
             samples = self._sample_indices(k, self.schedule.batches_before(g, k) * self.G, self.G)
-            yield from self._micro_batches(k, data.inputs[samples], data.labels[samples], (TRAIN_MASKS, g),
-                                           self.model_cfg.train_death_rate)
+            yield from self._micro_batches(k, data.inputs[samples], data.labels[samples], (TRAIN_MASKS, g))
             g += 1
 
     def _eval_rows(self, k: int, b: int) -> torch.Tensor:
@@ -274,16 +317,16 @@ class Classify(Recipe):
         b = 0
         while True:
             rows = self._eval_rows(k, b)
-            yield from self._micro_batches(k, inputs[rows], labels[rows], (EVAL_MASKS, k, b),
-                                           self.model_cfg.eval_death_rate)
+            yield from self._micro_batches(k, inputs[rows], labels[rows], (EVAL_MASKS, k, b))
             b += 1
 
     # -- evaluation ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def accuracy(self, model, k: int, rate: float) -> float:
-        """Accuracy on all of dataset k's evaluation samples at death rate ``rate``; every
-        data-parallel rank classifies its rows of each block and the counts are summed."""
+    def accuracy(self, model, k: int, rate: float | None = None) -> float:
+        """Accuracy on all of dataset k's evaluation samples (at death rate ``rate``; None: the
+        model's own); every data-parallel rank classifies its rows of each block and the counts
+        are summed."""
         device, name = state.device(), self.c.datasets[k]
         inputs, labels = self.eval_sets[k]
         total = len(labels)
@@ -293,10 +336,9 @@ class Classify(Recipe):
             if len(mine) == 0:
                 continue
             rows = self._eval_rows(k, b)[mine]
-            alive, noise = unwrap_model(model).draw_randomness(self.G, generator(self.cfg.train.seed, EVAL_MASKS, k, b),
-                                                          rate)
-            logits = model(inputs[rows].to(device), name, alive[mine].to(device),
-                           None if noise is None else noise[mine].to(device))
+            randomness = [None if r is None else r[mine].to(device)
+                          for r in self._randomness(model, (EVAL_MASKS, k, b), rate)]
+            logits = model(inputs[rows].to(device), name, *randomness)
             counts[0] += (logits.argmax(dim=-1).cpu() == labels[rows]).sum().item()
             counts[1] += len(mine)
         dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
@@ -313,7 +355,7 @@ class Classify(Recipe):
         final = ctx.position.step == self.cfg.train.steps
         for k in self.schedule.seen(done):
             name = self.c.datasets[k]
-            record[f"accuracy_{name}"] = self.accuracy(model, k, self.model_cfg.eval_death_rate)
+            record[f"accuracy_{name}"] = self.accuracy(model, k)
             if final:
                 for rate in self.c.eval_death_rates:
                     record[f"accuracy_{name}_death_{rate:g}"] = self.accuracy(model, k, float(rate))
