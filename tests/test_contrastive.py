@@ -1,6 +1,7 @@
 """Contrastive pretraining: GradCache over data-parallel ranks and micro-batches gives the
-gradient of the whole batch in one pass; every layout computes the single rank's loss; bad input
-is one line with exit code 2."""
+gradient of the whole batch in one pass; every layout computes the single rank's loss; the
+transfer metrics are scikit-learn's on the model's embeddings; thann-embed of a language model is
+the mean of its final hidden states; bad input is one line with exit code 2."""
 
 import json
 import os
@@ -14,9 +15,13 @@ import torch.nn.functional as F
 from conftest import ROOT
 
 HARNESS = os.path.join(ROOT, "tests", "support", "contrastive_harness.py")
-MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.moe_ffn_hidden_size=64",
+# Question/reply pairs (the default) without dropout in the decoder, pinned (SimCSE runs set it); the
+# tokenization's dropout stays on where a test says so.
+MODEL = ["data=sharegpt_pairs", "model.hidden_dropout=0.0", "model.attention_dropout=0.0", "model.num_layers=2",
+         "model.hidden_size=64", "model.num_attention_heads=4", "model.moe_ffn_hidden_size=64",
          "model.moe_aux_loss_coeff=0.0", "train.precision=fp32", "contrastive.hard_negatives=1",
          "train.seq_length=32", "train.steps=4", "train.warmup_steps=1", "contrastive.eval_pool=10",
+         "contrastive.transfer.train=60", "contrastive.transfer.test=30", "contrastive.transfer.k=5",
          "logging.wandb.enabled=false", "logging.progress=false"]
 
 
@@ -120,6 +125,38 @@ def test_every_layout_computes_the_single_rank_loss(encoder, pairs_with_negative
     assert _relative(full_got, full_ref) < 1e-4
 
 
+def test_transfer_metrics_are_scikit_learns_on_the_model_embeddings(encoder):
+    import numpy as np
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    from thann.inference.embedding import embed_texts
+
+    _, cfg, recipe, model, _ = encoder
+    model.eval()
+    got = recipe._embedding_metrics([model], project=True)
+    lexical = recipe._lexical_metrics()
+    t, k = recipe.transfer, cfg.contrastive.transfer.k
+    assert (len(t.train_texts), len(t.test_texts), len(set(t.test_labels))) == (60, 30, len(set(t.test_labels)))
+    x = embed_texts([model], t.train_texts + t.test_texts, recipe.texts_per_micro_batch, cfg.train.seq_length,
+                    recipe.tokenizer.eod, cfg.model.hidden_size).numpy()
+    train_x, test_x = x[:60], x[60:]
+    assert got["knn_accuracy"] == (KNeighborsClassifier(n_neighbors=k, metric="cosine")
+                                   .fit(train_x, t.train_labels).score(test_x, t.test_labels))
+    scaler = StandardScaler().fit(train_x)
+    assert got["probe_accuracy"] == (LogisticRegression(max_iter=1000).fit(scaler.transform(train_x), t.train_labels)
+                                     .score(scaler.transform(test_x), t.test_labels))
+    cosines = x @ x.T
+    assert got["mean_cosine"] == pytest.approx((cosines.sum() - np.trace(cosines)) / (90 * 89), rel=1e-5)
+    texts = [recipe.tokenizer.decode(ids[:-1]) for ids in t.train_texts + t.test_texts]
+    vectorizer = TfidfVectorizer(sublinear_tf=True).fit(texts[:60])
+    assert lexical["tfidf_knn_accuracy"] == (KNeighborsClassifier(n_neighbors=k, metric="cosine")
+                                             .fit(vectorizer.transform(texts[:60]), t.train_labels)
+                                             .score(vectorizer.transform(texts[60:]), t.test_labels))
+
+
 def test_bad_pair_records_are_one_line_with_exit_2(tmp_path):
     for record, message in (({"query": "where?"}, "no 'positive' key"), ({"query": " ", "positive": "x"},
                                                                           "'query' is empty")):
@@ -169,9 +206,10 @@ def test_thann_embed_writes_the_same_embeddings_in_another_layout(contrastive_ch
     outputs = {}
     for name, nproc, layout in (("single", 1, []), ("tp2_sp", 2, ["parallel.tp=2", "parallel.sp=true"]),
                                 ("pp2", 2, ["parallel.pp=2"]), ("dp2", 2, [])):
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
-                              "-m", "thann.inference.embed", f"load={contrastive_checkpoint}",
-                              f"input={tmp_path / 'texts.jsonl'}", f"output={tmp_path / name}", "batch_size=3", *layout],
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                              "--standalone", "-m", "thann.inference.embed", f"load={contrastive_checkpoint}",
+                              f"input={tmp_path / 'texts.jsonl'}", f"output={tmp_path / name}", "batch_size=3",
+                              *layout],
                              cwd=ROOT, capture_output=True, text=True, timeout=300,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert run.returncode == 0, run.stderr[-3000:]
@@ -185,3 +223,68 @@ def test_thann_embed_writes_the_same_embeddings_in_another_layout(contrastive_ch
                               f"input={tmp_path / 'none.txt'}", f"output={tmp_path / 'x'}"], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and missing.stderr.strip().startswith("invalid config: input=")
+
+
+def test_contrastive_run_logs_transfer_beside_start_and_lexical_baselines(contrastive_checkpoint):
+    from conftest import read_metrics
+
+    valid = [r for r in read_metrics(contrastive_checkpoint) if r["split"] == "valid"]
+    assert [r["step"] for r in valid] == [0, 2]
+    for name in ("knn_accuracy", "probe_accuracy", "recall@10"):
+        for record in valid:
+            assert 0.0 <= record[name] <= 1.0 and record[f"start_{name}"] == valid[0][f"start_{name}"]
+    assert all(0 <= valid[-1][f"tfidf_{name}"] <= 1 for name in ("knn_accuracy", "probe_accuracy"))
+    for name in ("mean_cosine", "top_pc_share", "uniformity", "alignment"):
+        assert name in valid[-1] and f"start_{name}" in valid[-1]
+
+
+def test_thann_embed_of_a_language_model_is_the_mean_of_its_final_hidden_states(tiny_checkpoint, single_rank,
+                                                                                 tmp_path):
+    """A pretraining checkpoint embeds a text as the L2-normalised mean of the language model's
+    final (normed) hidden states over the text's tokens and its end-of-document token; whitening
+    then gives the similarities of the test's own whitening of those embeddings."""
+    import numpy as np
+
+    from thann.data.tokenizer import build_tokenizer
+    from thann.inference.load import build_from_checkpoint, saved, slot_record
+
+    texts = [f"Text number {i} is about {'bread' if i % 2 else 'rockets'}" + " and more" * (i % 7)
+             for i in range(140)]  # more texts than the 128 dimensions, for whitening
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    outputs = {}
+    for name, extra in (("raw", []), ("white", ["postprocess=whiten"])):
+        run = subprocess.run([sys.executable, "-m", "thann.inference.embed", f"load={tiny_checkpoint}",
+                              f"input={tmp_path / 'texts.txt'}", f"output={tmp_path / name}", *extra],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        outputs[name] = np.load(tmp_path / f"{name}.npy")
+    assert "is a language model: its embeddings are the mean of its final hidden states" in run.stderr
+
+    path, metadata = saved(str(tiny_checkpoint), "load")
+    record = slot_record(metadata)
+    assert record["args"]["arch"] == "thann"
+    (model,) = build_from_checkpoint(path, record, single_rank, "fp32")
+    captured = []
+    hook = model.decoder.final_layernorm.register_forward_hook(lambda module, args, output: captured.append(output))
+    tokenizer = build_tokenizer("tiktoken", "cl100k_base")
+    with torch.no_grad():
+        for i in (0, 3, 6, 139):  # different lengths; one text at a time, so no padding anywhere
+            ids = torch.tensor([tokenizer.encode(texts[i]) + [tokenizer.eod]])
+            model(ids, torch.arange(ids.size(1))[None], None)
+            mean = captured.pop()[:, 0].double().mean(dim=0)  # [S, 1, H] -> [H]
+            np.testing.assert_allclose(outputs["raw"][i], (mean / mean.norm()).numpy(), rtol=1e-5, atol=1e-6)
+    hook.remove()
+
+    raw = outputs["raw"].astype(np.float64)
+    variances, vectors = np.linalg.eigh(np.cov(raw.T))
+    white = (raw - raw.mean(axis=0)) @ vectors / np.sqrt(variances)
+    white /= np.linalg.norm(white, axis=1, keepdims=True)
+    np.testing.assert_allclose(outputs["white"] @ outputs["white"].T, white @ white.T, atol=1e-4)
+    with np.load(tmp_path / "white.stats.npz") as stats:
+        assert stats["mean"].shape == (128,) and stats["transform"].shape == (128, 128)
+    both = subprocess.run([sys.executable, "-m", "thann.inference.embed", f"load={tiny_checkpoint}",
+                           f"input={tmp_path / 'texts.txt'}", f"output={tmp_path / 'x'}", "postprocess=center",
+                           f"statistics={tmp_path / 'white.stats.npz'}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert both.returncode == 2 and both.stderr.strip().startswith("invalid config: statistics=")
+    assert both.stderr.count("\n") == 1

@@ -1,6 +1,6 @@
 """Retrieval pairs for contrastive training, from indexed datasets.
 
-Two sources (``data.kind``):
+Three sources (``data.kind``):
 
 - ``pairs``: a dataset made by ``preprocess --pairs`` (or ``--corpus sharegpt_pairs``); each of
   its documents is the sequences query, positive, negatives..., each ending in the
@@ -8,6 +8,8 @@ Two sources (``data.kind``):
 - ``spans``: any plain indexed dataset; a pair is two independent random spans of one document
   (the unsupervised form), drawn from a stream of the sample's index, so the same sample is the
   same pair in every layout and after a resume.
+- ``dropout``: any plain indexed dataset; a pair is one random span twice, the two made different
+  only by the encoder's dropout masks (SimCSE, Gao et al. 2021).
 
 A sample is a dict of token lists (query, positive, negatives); a micro-batch stacks M samples
 as one [M·(2+K), S] batch of texts (queries, then positives, then K hard negatives per query),
@@ -21,7 +23,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from thann.data.order import SampleOrder
 
-KINDS = ("pairs", "spans")
+KINDS = ("pairs", "spans", "dropout")
 
 
 def split_documents(num_documents: int, split: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -57,9 +59,11 @@ class PairDataset:
 
 
 class SpanPairDataset:
-    def __init__(self, prefix: str, documents: np.ndarray, seq_length: int, seed: int, eod: int):
+    def __init__(self, prefix: str, documents: np.ndarray, seq_length: int, seed: int, eod: int,
+                 same_span: bool = False):
         self.data = IndexedDataset(prefix)
         self.documents, self.seq_length, self.seed, self.eod = documents, seq_length, seed, eod
+        self.same_span = same_span
 
     def __len__(self) -> int:
         return len(self.documents)
@@ -70,11 +74,11 @@ class SpanPairDataset:
         rng = np.random.default_rng([self.seed, index])
         longest = max(1, min(self.seq_length - 1, len(tokens) // 2))
         spans = []
-        for _ in range(2):
+        for _ in range(1 if self.same_span else 2):
             length = int(rng.integers(max(1, longest // 2), longest + 1))
             start = int(rng.integers(0, len(tokens) - length + 1))
             spans.append(fit_text(tokens[start:start + length], self.seq_length, self.eod))
-        return {"query": spans[0], "positive": spans[1], "negatives": []}
+        return {"query": spans[0], "positive": spans[-1], "negatives": []}
 
 
 class Sampler:

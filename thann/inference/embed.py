@@ -1,9 +1,12 @@
-"""``thann-embed``: embeddings of a text file with a contrastively trained checkpoint, in any
-layout (configs/embed.yaml). Input: a text file (one text per line) or JSON lines
-(``{"id": ..., "text": ...}``); output: ``OUTPUT.npy`` (float32 [N, P], L2-normalised rows, in
-input order) and ``OUTPUT.ids.json``. Input and output problems (thann.outputs) are one line with
-exit code 2, before the model is built; nothing is written then."""
+"""``thann-embed``: embeddings of a text file with any THANN checkpoint, in any layout
+(configs/embed.yaml): a contrastive one as trained, a language model's as the mean of its final
+hidden states. Input: a text file (one text per line) or JSON lines (``{"id": ..., "text": ...}``);
+output: ``OUTPUT.npy`` (float32 [N, P], L2-normalised rows, in input order) and
+``OUTPUT.ids.json``; centred or whitened on request, with the statistics used in
+``OUTPUT.stats.npz`` (apply them to other texts with ``statistics=``). Input and output problems
+(thann.outputs) are one line with exit code 2, before the model is built; nothing is written then."""
 
+import contextlib
 import json
 import logging
 import os
@@ -17,7 +20,7 @@ from omegaconf import DictConfig
 from thann.cli import exit_if_help, exit_on_bad_input, load_config
 from thann.config import ConfigError, check_parallel, require
 from thann.data.pairs import fit_text
-from thann.inference.embedding import embed_texts
+from thann.inference.embedding import POSTPROCESSING, apply_statistics, embed_texts, output_statistics
 from thann.inference.load import build_from_checkpoint, check_layout, saved, saved_tokenizer, slot_record
 from thann.outputs import atomic_write, check_output
 
@@ -45,23 +48,43 @@ def _inputs(path: str) -> tuple[list[str], list[str]]:
     return ids, texts
 
 
-def _outputs(cfg: DictConfig) -> tuple[str, str]:
-    return f"{cfg.output}.npy", f"{cfg.output}.ids.json"
+def _outputs(cfg: DictConfig) -> tuple[str, ...]:
+    """OUTPUT.npy, OUTPUT.ids.json and, when computed here, OUTPUT.stats.npz."""
+    return (f"{cfg.output}.npy", f"{cfg.output}.ids.json") + ((f"{cfg.output}.stats.npz",)
+                                                             if cfg.postprocess != "none" else ())
 
 
-def encoder_record(record: dict, load: str) -> dict:
+def _statistics(cfg: DictConfig, dim: int, texts: int) -> dict | None:
+    """The saved statistics to apply (``statistics=``), checked; None when none are given."""
+    require(cfg.postprocess in POSTPROCESSING, "postprocess", cfg.postprocess, f"must be one of {list(POSTPROCESSING)}")
+    require(cfg.postprocess != "whiten" or texts > dim, "postprocess", cfg.postprocess,
+            f"needs more texts than the {dim} dimensions ({texts} given): use center, or statistics= of a larger set")
+    if cfg.statistics is None:
+        return None
+    require(cfg.postprocess == "none", "statistics", cfg.statistics,
+            f"applies saved statistics; postprocess={cfg.postprocess} would compute others (give one of the two)")
+    require(os.path.isfile(cfg.statistics), "statistics", cfg.statistics, "no such file")
+    try:
+        with np.load(cfg.statistics, allow_pickle=False) as saved:
+            statistics = {"mean": saved["mean"], "transform": saved["transform"]}
+    except (ValueError, KeyError, OSError):
+        raise ConfigError("statistics", cfg.statistics, "not an OUTPUT.stats.npz of thann-embed") from None
+    require(statistics["mean"].shape == (dim,) and statistics["transform"].shape == (dim, dim), "statistics",
+            cfg.statistics, f"holds statistics of {statistics['mean'].shape[0]}-dimensional embeddings, not {dim}")
+    return statistics
+
+
+def encoder_record(record: dict, load: str) -> tuple[dict, str | None]:
     """The checkpoint's model as an encoder: a contrastive one as trained; a language model's
-    decoder as the mean of its final hidden states over a text's real tokens (said once)."""
+    decoder as the mean of its final hidden states over a text's real tokens, with a note saying so."""
     arch = record["args"].get("arch", "thann")
     if arch == "thann_encoder":
-        return record
+        return record, None
     require(arch == "thann", "load", load, f"holds a {arch} model; thann-embed reads THANN checkpoints")
-    if os.environ.get("RANK", "0") == "0":
-        print(f"{load} is a language model: its embeddings are the mean of its final hidden states over each "
-              "text's tokens", file=sys.stderr)
     args = {**record["args"], "arch": "thann_encoder", "pooling": "mean", "projection_dim": None,
             "learnt_temperature": None}
-    return {**record, "args": args}
+    return {**record, "args": args}, (f"{load} is a language model: its embeddings are the mean of its final "
+                                      "hidden states over each text's tokens")
 
 
 def _build(cfg: DictConfig, record: dict, path: str, dp: int):
@@ -73,10 +96,13 @@ def _build(cfg: DictConfig, record: dict, path: str, dp: int):
 
 HELP = dict(
     program="thann-embed", config_name="embed",
-    summary="Embeds texts (one per line, or JSON lines {\"id\": ..., \"text\": ...}) with a contrastively trained "
-            "checkpoint; writes OUTPUT.npy (float32, L2-normalised rows) and OUTPUT.ids.json.",
-    keys=("load", "input", "output", "force", "batch_size", "parallel.tp", "parallel.pp"),
-    examples=("thann-embed load=checkpoints/thann_tiny_contrastive input=texts.txt output=embeddings",))
+    summary="Embeds texts (one per line, or JSON lines {\"id\": ..., \"text\": ...}) with a THANN checkpoint "
+            "(contrastive, or a language model's mean-pooled states); writes OUTPUT.npy (float32, L2-normalised "
+            "rows) and OUTPUT.ids.json, and OUTPUT.stats.npz when centring or whitening.",
+    keys=("load", "input", "output", "force", "batch_size", "postprocess", "statistics", "parallel.tp", "parallel.pp"),
+    examples=("thann-embed load=checkpoints/thann_tiny_contrastive input=texts.txt output=embeddings",
+              "thann-embed load=checkpoints/thann_tiny input=corpus.txt output=corpus postprocess=whiten",
+              "thann-embed load=checkpoints/thann_tiny input=queries.txt output=queries statistics=corpus.stats.npz"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,13 +120,18 @@ def main(argv: list[str] | None = None) -> None:
         require(isinstance(cfg.batch_size, int) and cfg.batch_size > 0, "batch_size", cfg.batch_size,
                 "must be a positive integer")
         require(cfg.output is not None, "output", None, "give the path prefix of OUTPUT.npy and OUTPUT.ids.json")
+        record, note = encoder_record(slot_record(metadata), cfg.load)
+        args = record["args"]
+        statistics = _statistics(cfg, args["projection_dim"] or args["hidden_size"], len(texts))
         for output in _outputs(cfg):
-            check_output(output, force=cfg.force, inputs={"input": cfg.input, "load": cfg.load})
-        record = encoder_record(slot_record(metadata), cfg.load)
+            check_output(output, force=cfg.force, inputs={"input": cfg.input, "load": cfg.load,
+                                                          "statistics": cfg.statistics})
         check_layout(record, cfg.parallel)
-        return cfg, dp, record, tokenizer, ids, texts, *_build(cfg, record, path, dp)
+        if note and rank0:
+            print(note, file=sys.stderr)
+        return cfg, dp, record, tokenizer, ids, texts, statistics, *_build(cfg, record, path, dp)
 
-    cfg, dp, record, tokenizer, ids, texts, chunks, layout = exit_on_bad_input(prepare)
+    cfg, dp, record, tokenizer, ids, texts, statistics, chunks, layout = exit_on_bad_input(prepare)
     from megatron.core import parallel_state
 
     from thann.parallel import state
@@ -122,13 +153,23 @@ def main(argv: list[str] | None = None) -> None:
         parts = [mine.cpu()]
     if rank0:
         matrix = torch.cat(parts).numpy().astype(np.float32)
-        matrix_path, ids_path = _outputs(cfg)
-        with atomic_write(matrix_path) as matrix_temporary, atomic_write(ids_path) as ids_temporary:
+        if cfg.postprocess != "none":
+            statistics = output_statistics(matrix, cfg.postprocess)
+        if statistics is not None:
+            matrix = apply_statistics(matrix, statistics)
+        matrix_path, ids_path, *stats_path = _outputs(cfg)
+        with contextlib.ExitStack() as stack:
+            matrix_temporary, ids_temporary, *stats_temporary = (stack.enter_context(atomic_write(p))
+                                                                 for p in _outputs(cfg))
             with open(matrix_temporary, "wb") as f:
                 np.save(f, matrix, allow_pickle=False)
             with open(ids_temporary, "w", encoding="utf-8") as f:
                 json.dump(ids, f)
-        print(f"wrote {matrix_path} ({matrix.shape[0]} x {matrix.shape[1]}) and {ids_path} "
+            for temporary in stats_temporary:
+                with open(temporary, "wb") as f:
+                    np.savez(f, **statistics)
+        written = ", ".join([ids_path, *stats_path])
+        print(f"wrote {matrix_path} ({matrix.shape[0]} x {matrix.shape[1]}) and {written} "
               f"(layout {layout.describe()})")
     state.destroy()
 

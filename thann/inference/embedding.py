@@ -1,5 +1,7 @@
-"""Embeddings of texts with an encoder (thann.models.thann.encoder), in any parallel layout."""
+"""Embeddings of texts with an encoder (thann.models.thann.encoder), in any parallel layout, and
+their optional centering or whitening."""
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -40,3 +42,25 @@ def embed_texts(model_chunks: list, texts: list[list[int]], micro_batch_size: in
                        group=parallel_state.get_pipeline_model_parallel_group())
         outputs.append(result[: len(chunk)])
     return torch.cat(outputs)
+
+
+POSTPROCESSING = ("none", "center", "whiten")
+
+
+def output_statistics(matrix: np.ndarray, postprocess: str) -> dict[str, np.ndarray]:
+    """What ``postprocess`` subtracts and multiplies by, from embeddings [N, D]: their mean and
+    the identity (``center``), or their mean and U·diag(1/sqrt(S)) from the SVD of their
+    covariance, which decorrelates the dimensions and gives each unit variance (``whiten``, as
+    BERT-whitening: Su et al. 2021). Anisotropic embeddings share one dominant direction that
+    cosine similarity then mostly measures; both take it out."""
+    mean = matrix.mean(axis=0, dtype=np.float64)
+    if postprocess == "center":
+        return {"mean": mean, "transform": np.eye(matrix.shape[1])}
+    u, s, _ = np.linalg.svd(np.cov(matrix.T.astype(np.float64)))
+    return {"mean": mean, "transform": u / np.sqrt(s)}
+
+
+def apply_statistics(matrix: np.ndarray, statistics: dict[str, np.ndarray]) -> np.ndarray:
+    """(matrix - mean) · transform, rows L2-normalised again, float32."""
+    out = (matrix.astype(np.float64) - statistics["mean"]) @ statistics["transform"]
+    return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)

@@ -8,8 +8,11 @@ data-parallel rank, scaled by 1/temperature (fixed, or learnt as a parameter of 
 stays that of one micro-batch (GradCache: StepContext.grad_cache).
 
 Evaluation at every interval: recall@1/10, MRR@10 and nDCG@10 of the held-out pairs' queries
-against a pool of their positives, for the model, for the starting model's pooled hidden states
-(kept in the checkpoint, so a resumed run still reports them) and for BM25 on the same texts.
+against a pool of their positives; transfer to a task the stage never trains on (kNN and
+logistic-probe accuracy on a fixed subset of 20 Newsgroups) and the embeddings' anisotropy
+(transfer.py). Each for the model, for the starting model's pooled hidden states (kept in the
+checkpoint, so a resumed run still reports them) and, for the tasks, for a lexical baseline on the
+same texts (BM25, TF-IDF).
 """
 
 import os
@@ -32,6 +35,7 @@ from thann.inference.embedding import embed_texts, encode
 from thann.models import registry
 from thann.parallel import state
 from thann.recipes.contrastive.retrieval import bm25_ranks, embedding_ranks, metrics_from_ranks
+from thann.recipes.contrastive.transfer import TransferSet, alignment, anisotropy, classification, tfidf_classification
 from thann.training.recipe import Recipe
 from thann.training.slots import SlotSpec
 
@@ -84,6 +88,11 @@ class Contrastive(Recipe):
                 "must be an integer >= 10 (metrics @10)")
         require(isinstance(cfg.train.seq_length, int) and cfg.train.seq_length > 1, "train.seq_length",
                 cfg.train.seq_length, "must be an integer > 1")
+        t = c.transfer
+        for key in ("train", "test", "k"):
+            require(isinstance(t[key], int) and t[key] >= 1, f"contrastive.transfer.{key}", t[key],
+                    "must be an integer >= 1")
+        require(t.k <= t.train, "contrastive.transfer.k", t.k, f"must be at most transfer.train={t.train}")
         _check_data(cfg)
 
     @staticmethod
@@ -107,18 +116,22 @@ class Contrastive(Recipe):
         train_docs, valid_docs = split_documents(documents, data.split, train.seed)
         eod = self.tokenizer.eod
         if data.kind == "pairs":
-            def make(docs, negatives):
+            def make(docs, negatives, same_span=False):
                 return PairDataset(prefix, docs, train.seq_length, negatives, eod)
         else:
-            def make(docs, negatives):
-                return SpanPairDataset(prefix, docs, train.seq_length, train.seed, eod)
-        self.train_set = make(train_docs, self.contrastive.hard_negatives)
+            def make(docs, negatives, same_span=False):
+                return SpanPairDataset(prefix, docs, train.seq_length, train.seed, eod, same_span)
+        # Dropout positives are trained on; held-out pairs are two spans, since a text is its own
+        # nearest neighbour without dropout.
+        self.train_set = make(train_docs, self.contrastive.hard_negatives, same_span=data.kind == "dropout")
         self.valid_set = make(valid_docs, self.contrastive.hard_negatives)
         pool = make(valid_docs[: self.contrastive.eval_pool], 0)
         pairs = [pool[i] for i in range(len(pool))]
         self.pool_queries, self.pool_candidates = [p["query"] for p in pairs], [p["positive"] for p in pairs]
+        t = self.contrastive.transfer
+        self.transfer = TransferSet.newsgroups20(t.train, t.test, train.seq_length, self.tokenizer)
         self.start_metrics: dict[str, float] = {}
-        self.bm25_metrics: dict[str, float] = {}
+        self.lexical_metrics: dict[str, float] = {}
 
     def state(self) -> dict:
         return {"start_metrics": self.start_metrics}
@@ -183,25 +196,40 @@ class Contrastive(Recipe):
         return embed_texts(model_chunks, texts, self.texts_per_micro_batch, self.cfg.train.seq_length,
                            self.tokenizer.eod, dim, project)
 
+    def _embedding_metrics(self, chunks: list, project: bool) -> dict[str, float]:
+        """Retrieval on the pool, transfer classification and anisotropy of one embedding."""
+        queries = self._embed_texts(chunks, self.pool_queries, project)
+        candidates = self._embed_texts(chunks, self.pool_candidates, project)
+        t = self.transfer
+        transfer = self._embed_texts(chunks, t.train_texts + t.test_texts, project)
+        train_x, test_x = t.split(transfer)
+        return {**metrics_from_ranks(embedding_ranks(queries, candidates)),
+                **classification(train_x, t.train_labels, test_x, t.test_labels, self.contrastive.transfer.k),
+                **anisotropy(transfer), "alignment": alignment(queries, candidates)}
+
+    def _lexical_metrics(self) -> dict[str, float]:
+        """BM25 on the pool and TF-IDF on the transfer task, from the texts the model reads."""
+        decode, t = self.tokenizer.decode, self.transfer
+        bm25 = metrics_from_ranks(bm25_ranks([decode(q[:-1]) for q in self.pool_queries],
+                                             [decode(c[:-1]) for c in self.pool_candidates]))
+        tfidf = tfidf_classification([decode(x[:-1]) for x in t.train_texts], t.train_labels,
+                                     [decode(x[:-1]) for x in t.test_texts], t.test_labels, self.contrastive.transfer.k)
+        return {**{f"bm25_{k}": v for k, v in bm25.items()}, **{f"tfidf_{k}": v for k, v in tfidf.items()}}
+
     def evaluate(self, ctx) -> dict[str, float]:
         valid = pair_batches(self.valid_set, self.order, 0, self.cfg.train.seed + 1, self.cfg.train.seq_length,
                              self.tokenizer.eod)
         means = self._means(ctx, valid, forward_only=True,
                             num_microbatches=self.cfg.train.eval_iters * self.order.num_microbatches)
         chunks = ctx.slots["model"].chunks
-        queries = self._embed_texts(chunks, self.pool_queries, project=True)
-        candidates = self._embed_texts(chunks, self.pool_candidates, project=True)
-        metrics = metrics_from_ranks(embedding_ranks(queries, candidates))
+        metrics = self._embedding_metrics(chunks, project=True)
+        if not self.start_metrics:  # the first evaluation of a fresh run: the starting weights
+            # Without a projection the model's embeddings are its pooled hidden states.
+            self.start_metrics = (self._embedding_metrics(chunks, project=False) if self.contrastive.projection_dim
+                                  else dict(metrics))
         if self.contrastive.learnable_temperature and parallel_state.is_pipeline_last_stage():
             metrics["temperature"] = 1.0 / self._scale(chunks).item()
-        if not self.start_metrics:
-            pooled = [self._embed_texts(chunks, texts, project=False)
-                      for texts in (self.pool_queries, self.pool_candidates)]
-            self.start_metrics = metrics_from_ranks(embedding_ranks(*pooled))
-        if not self.bm25_metrics:
-            decode = self.tokenizer.decode
-            self.bm25_metrics = metrics_from_ranks(bm25_ranks(
-                [decode(q[:-1]) for q in self.pool_queries], [decode(c[:-1]) for c in self.pool_candidates]))
+        if not self.lexical_metrics:
+            self.lexical_metrics = self._lexical_metrics()
         return {"loss": means["contrastive_loss"], **means, **metrics,
-                **{f"start_{k}": v for k, v in self.start_metrics.items()},
-                **{f"bm25_{k}": v for k, v in self.bm25_metrics.items()}}
+                **{f"start_{k}": v for k, v in self.start_metrics.items()}, **self.lexical_metrics}
