@@ -58,7 +58,9 @@ stop() {
     for pidfile in "$STATE/slurmd.pid" "$STATE/slurmctld.pid"; do
         [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
     done
-    pkill -x munged 2>/dev/null || true
+    # This cluster's munged only (its default pid file): other munged daemons on the machine, such
+    # as those of launch/multinode/slurm.sh's nodes, are not this script's to stop.
+    [ -f /run/munge/munged.pid ] && kill "$(cat /run/munge/munged.pid)" 2>/dev/null || true
 }
 
 case "${1:-}" in

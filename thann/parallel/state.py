@@ -55,8 +55,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def initialize(parallel_cfg, dp: int, seed: int, timeout_minutes: int = 10) -> Layout:
-    """Joins the process group, builds megatron-core's groups and seeds every RNG stream."""
+def initialize(parallel_cfg, dp: int, seed: int) -> Layout:
+    """Joins the process group, builds megatron-core's groups and seeds every RNG stream.
+    ``parallel_cfg.timeout_minutes`` bounds every collective: how long a rank waits for a peer that
+    stopped answering (its node hangs, or lost its network) before it fails; a peer whose process
+    ended is noticed at once (its connections close)."""
+    timeout_minutes = parallel_cfg.get("timeout_minutes", 10)
     megatron_patches.install()
     if not dist.is_initialized():
         options = {"timeout": datetime.timedelta(minutes=timeout_minutes), "backend": "gloo"}
