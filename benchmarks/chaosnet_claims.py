@@ -22,20 +22,16 @@ checkpoints are saved) and the plot (--plot, by default docs/chaosnet_death_rate
 
 import argparse
 import json
-import logging
-import math
-import multiprocessing
 import os
-import shutil
 import sys
 import time
-import warnings
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import classifier_runs  # noqa: E402  (benchmarks/, the script's own folder)
 
 NAMES = {"mnist": "MNIST", "newsgroups20": "20 Newsgroups", "fashion_mnist": "Fashion-MNIST"}
 # The seed's README ("Benchmarks"): 5 ticks, 512 neurons, the same fail_prob in training and evaluation.
@@ -51,40 +47,6 @@ MODELS = {  # name: (label, overrides)
     "mlp": ("MLP + dropout (matched)", ["model=chaosnet_mlp"]),
     "mlp_tenth": ("MLP + dropout, 1/10 core", ["model=chaosnet_mlp"]),  # width set per dataset
 }
-
-
-# -- one training run, in a worker process --------------------------------------------------------
-
-def _quiet() -> None:
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore")
-
-
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    _quiet()
-
-
-def train(overrides: list[str]) -> dict:
-    """One run of the classification recipe on the trainer; returns its validation records."""
-    from thann.cli import load_config
-    from thann.recipes.classify import Classify
-    from thann.training.trainer import Trainer
-
-    _quiet()
-    cfg = load_config("classify", overrides)
-    shutil.rmtree(cfg.checkpoint.dir, ignore_errors=True)
-    start = time.perf_counter()
-    trainer = Trainer(cfg, Classify)
-    try:
-        history = trainer.fit()
-    finally:
-        trainer.close()
-    steps = [r["step_time_s"] for r in history if r["split"] == "train"]
-    return {"valid": [r for r in history if r["split"] == "valid"], "seconds": time.perf_counter() - start,
-            "step_ms": 1000 * float(np.median(steps)) if steps else math.nan}
 
 
 # -- the runs ---------------------------------------------------------------------------------------
@@ -164,26 +126,7 @@ def execute(args, runs: list[dict]) -> None:
     for run in runs:
         run["overrides"] = run["overrides"] + _common(args, run)
     order = sorted(runs, key=lambda r: (r["kind"] != "retention", r.get("dataset") != "newsgroups20"))
-    done = 0
-
-    def report(run, result):
-        nonlocal done
-        run.update(result)
-        done += 1
-        print(f"[{done}/{len(runs)}] {run['name']}: {result['seconds']:.0f} s, {result['step_ms']:.0f} ms/step",
-              file=sys.stderr, flush=True)
-
-    if args.jobs == 1:
-        _init_worker(args.threads)
-        for run in order:
-            report(run, train(run["overrides"]))
-        return
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_init_worker,
-                             initargs=(args.threads,)) as pool:
-        futures = [(run, pool.submit(train, run["overrides"])) for run in order]
-        for run, future in futures:
-            report(run, future.result())
+    classifier_runs.execute(order, args.jobs, args.threads)
 
 
 # -- tables and plot ---------------------------------------------------------------------------------
@@ -368,7 +311,7 @@ def main() -> None:
         report(args, saved["parameters"], saved["runs"], saved["minutes"], saved.get("command", ""))
         return
     start = time.perf_counter()
-    _quiet()
+    classifier_runs.quiet()
     parameters, tenth = parameter_rows(args)
     runs = sweep_runs(args, tenth) + (retention_runs(args) if args.retention_datasets else [])
     print(f"{len(runs)} training runs, {args.jobs} at a time", file=sys.stderr, flush=True)

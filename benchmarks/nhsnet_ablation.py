@@ -19,19 +19,16 @@ parameters (--plot, by default docs/nhsnet_ablation.png).
 
 import argparse
 import json
-import logging
-import multiprocessing
 import os
-import shutil
 import sys
 import time
-import warnings
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import classifier_runs  # noqa: E402  (benchmarks/, the script's own folder)
 
 NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 VARIANTS = {  # name: (label, overrides)
@@ -44,18 +41,6 @@ VARIANTS = {  # name: (label, overrides)
     "no_pruning": ("without pruning", ["model=nhsnet", "model.pruning.enabled=false"]),
     "resnet": ("ResNet (matched)", ["model=resnet"]),
 }
-
-
-def _quiet() -> None:
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore")
-
-
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    _quiet()
 
 
 def multiply_adds(model, pixels, head: str) -> tuple[int, int]:
@@ -88,33 +73,15 @@ def multiply_adds(model, pixels, head: str) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
-def train(overrides: list[str]) -> dict:
-    """One run of the classification recipe on the trainer: its validation records, parameter
-    counts and FLOPs at the end, and its time."""
-    from thann.cli import load_config
-    from thann.recipes.classify import Classify
-    from thann.training.trainer import Trainer
-
-    _quiet()
-    cfg = load_config("classify", overrides)
-    shutil.rmtree(cfg.checkpoint.dir, ignore_errors=True)
-    start = time.perf_counter()
-    trainer = Trainer(cfg, Classify)
-    try:
-        history = trainer.fit()
-        seconds = time.perf_counter() - start
-        model = trainer.slots["model"].module
-        model.eval()
-        dataset = cfg.classify.datasets[0]
-        dense, alive = multiply_adds(model, trainer.recipe.eval_sets[0][0][:1], dataset)
-        parameters = sum(p.numel() for p in model.parameters())
-        alive_parameters = model.alive_parameters() if hasattr(model, "alive_parameters") else parameters
-    finally:
-        trainer.close()
-    steps = [r["step_time_s"] for r in history if r["split"] == "train"]
-    return {"valid": [r for r in history if r["split"] == "valid"], "seconds": seconds,
-            "step_ms": 1000 * float(np.median(steps)), "parameters": parameters, "alive_parameters": alive_parameters,
-            "flops_dense": 2 * dense, "flops_alive": 2 * alive}
+def measure(trainer, cfg) -> dict:
+    """Parameter counts and forward FLOPs per image of a run's model at its end."""
+    model = trainer.slots["model"].module
+    model.eval()
+    dense, alive = multiply_adds(model, trainer.recipe.eval_sets[0][0][:1], cfg.classify.datasets[0])
+    parameters = sum(p.numel() for p in model.parameters())
+    alive_parameters = model.alive_parameters() if hasattr(model, "alive_parameters") else parameters
+    return {"parameters": parameters, "alive_parameters": alive_parameters, "flops_dense": 2 * dense,
+            "flops_alive": 2 * alive}
 
 
 def runs_of(args) -> list[dict]:
@@ -131,29 +98,6 @@ def runs_of(args) -> list[dict]:
                          *args.override]
             runs.append({"name": f"{variant}_seed{seed}", "variant": variant, "seed": seed, "overrides": overrides})
     return runs
-
-
-def execute(args, runs: list[dict]) -> None:
-    done = 0
-
-    def report(run, result):
-        nonlocal done
-        run.update(result)
-        done += 1
-        print(f"[{done}/{len(runs)}] {run['name']}: {result['seconds']:.0f} s, {result['step_ms']:.0f} ms/step",
-              file=sys.stderr, flush=True)
-
-    if args.jobs == 1:
-        _init_worker(args.threads)
-        for run in runs:
-            report(run, train(run["overrides"]))
-        return
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_init_worker,
-                             initargs=(args.threads,)) as pool:
-        futures = [(run, pool.submit(train, run["overrides"])) for run in runs]
-        for run, future in futures:
-            report(run, future.result())
 
 
 # -- table and plot ---------------------------------------------------------------------------------
@@ -264,10 +208,10 @@ def main() -> None:
         report(args, saved["runs"], saved["minutes"], saved["command"])
         return
     start = time.perf_counter()
-    _quiet()
+    classifier_runs.quiet()
     runs = runs_of(args)
     print(f"{len(runs)} training runs, {args.jobs} at a time", file=sys.stderr, flush=True)
-    execute(args, runs)
+    classifier_runs.execute(runs, args.jobs, args.threads, measure)
     minutes = (time.perf_counter() - start) / 60
     command = " ".join(sys.argv[1:])
     with open(os.path.join(args.out, "nhsnet_ablation.json"), "w") as f:

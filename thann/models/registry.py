@@ -21,6 +21,7 @@ checkpoint resumes or initialises a model only when those match exactly. A new m
 megatron-core's Float16Module under bf16 (the one precision rule, in training and inference).
 """
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -193,64 +194,40 @@ def _nnn() -> ModelSpec:
                      ("hidden_size", "num_nodes", "intermediate_size", "cross_node_attention", "cross_attention_heads"))
 
 
-def _classifier(arch: str) -> ModelSpec:
+def _classifier(arch: str, package: str, config_function: str, shape_fields: tuple) -> ModelSpec:
+    """A classifier whose ``package`` (imported when first used) offers check_model_config,
+    check_layout, ``config_function``, build_classifier and classifier_size."""
     def check(args, parallel_cfg, recompute: str) -> None:
-        from thann.models.chaosnet import check_layout, check_model_config
-
-        check_model_config(args)
-        check_layout(parallel_cfg)
+        model = importlib.import_module(package)
+        model.check_model_config(args)
+        model.check_layout(parallel_cfg)
         require(recompute == "none", "train.recompute", recompute, "a classifier has no activation recompute: use none")
 
     def transformer_config(args, parallel_cfg, *, bf16: bool, recompute: str = "none"):
-        from thann.models.chaosnet import chaosnet_transformer_config
-
-        return chaosnet_transformer_config(args, bf16=bf16)
+        return getattr(importlib.import_module(package), config_function)(args, bf16=bf16)
 
     def build(config, args, vocab_size, max_sequence_length, pre_process, post_process):
-        from thann.models.chaosnet import build_classifier
-
-        return build_classifier(config, args)
+        return importlib.import_module(package).build_classifier(config, args)
 
     def count(args, vocab_size) -> Size:
-        from thann.models.chaosnet import classifier_size
+        return importlib.import_module(package).classifier_size(args)
 
-        return classifier_size(args)
-
-    shape_fields = ("neurons", "input_width", "text.vocab_size", "image.channels", "image.size",
-                    "image.conv_channels", "heads") + (("hidden_width",) if arch == "mlp_baseline" else ())
     return ModelSpec(arch, check, transformer_config, build, count, shape_fields, reads_tokens=False)
 
 
-def _image_classifier(arch: str) -> ModelSpec:
-    def check(args, parallel_cfg, recompute: str) -> None:
-        from thann.models.nhsnet import check_layout, check_model_config
-
-        check_model_config(args)
-        check_layout(parallel_cfg)
-        require(recompute == "none", "train.recompute", recompute, "a classifier has no activation recompute: use none")
-
-    def transformer_config(args, parallel_cfg, *, bf16: bool, recompute: str = "none"):
-        from thann.models.nhsnet import nhsnet_transformer_config
-
-        return nhsnet_transformer_config(args, bf16=bf16)
-
-    def build(config, args, vocab_size, max_sequence_length, pre_process, post_process):
-        from thann.models.nhsnet import build_classifier
-
-        return build_classifier(config, args)
-
-    def count(args, vocab_size) -> Size:
-        from thann.models.nhsnet import classifier_size
-
-        return classifier_size(args)
-
-    shape_fields = ("image.channels", "image.size", "stem_width", "widths", "blocks", "group_size", "reduction",
-                    "pool", "sparse.enabled", "sparse.sparsity", "gate.enabled", "se.enabled", "growth.enabled",
-                    "growth.max_widths", "heads") + (("inner_widths",) if arch == "resnet" else ())
-    return ModelSpec(arch, check, transformer_config, build, count, shape_fields, reads_tokens=False)
+_CHAOSNET_SHAPE = ("neurons", "input_width", "text.vocab_size", "image.channels", "image.size", "image.conv_channels",
+                   "heads")
+_NHSNET_SHAPE = ("image.channels", "image.size", "stem_width", "widths", "blocks", "group_size", "reduction", "pool",
+                 "sparse.enabled", "sparse.sparsity", "gate.enabled", "se.enabled", "growth.enabled",
+                 "growth.max_widths", "heads")
 
 
 for _spec in (_thann("thann"), _thann("gpt"), _thann("thann_encoder", "encoder"), _thann("thann_value", "value"),
-              _nnn(), _classifier("chaosnet"), _classifier("mlp_baseline"), _image_classifier("nhsnet"),
-              _image_classifier("resnet")):
+              _nnn(),
+              _classifier("chaosnet", "thann.models.chaosnet", "chaosnet_transformer_config", _CHAOSNET_SHAPE),
+              _classifier("mlp_baseline", "thann.models.chaosnet", "chaosnet_transformer_config",
+                          _CHAOSNET_SHAPE + ("hidden_width",)),
+              _classifier("nhsnet", "thann.models.nhsnet", "nhsnet_transformer_config", _NHSNET_SHAPE),
+              _classifier("resnet", "thann.models.nhsnet", "nhsnet_transformer_config",
+                          _NHSNET_SHAPE + ("inner_widths",))):
     register(_spec)
