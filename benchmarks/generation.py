@@ -27,7 +27,7 @@ REAL_VOCAB = 100277  # cl100k_base
 
 class _NoStopTokenizer:
     """Ids only; its end-of-document id is outside the vocabulary, so generation never stops early."""
-    vocab_size, eod, special_ids = REAL_VOCAB, REAL_VOCAB + 1, {}
+    vocab_size, eod, special_ids, unused_ids = REAL_VOCAB, REAL_VOCAB + 1, {}, ()
 
     def decode(self, ids):
         return ""

@@ -74,7 +74,7 @@ def generation(contexts: list[int], new_tokens: int) -> dict:
     from thann.parallel import state
 
     class NoStop:
-        vocab_size, eod, special_ids = 100277, 100278, {}
+        vocab_size, eod, special_ids, unused_ids = 100277, 100278, {}, ()
 
         def decode(self, ids):
             return ""

@@ -22,7 +22,7 @@ PROMPTS = ["Hello", "What is the capital of France? Answer in one word.", "Write
 
 class _Tokenizer:
     """What the generator reads from a tokenizer, for models fed raw ids."""
-    vocab_size, eod, special_ids = 100277, 100257, {}
+    vocab_size, eod, special_ids, unused_ids = 100277, 100257, {}, ()
 
     def decode(self, ids):
         return " ".join(map(str, ids))
@@ -73,6 +73,33 @@ def test_recurrent_state_decoding_equals_a_full_forward_for_ragged_prompts(singl
 
     model.forward = float_logits
     _cached_equals_full_forward(model.train(), [[5, 6], [7, 8, 9, 10, 11], [12, 13, 14]], new_tokens=6)
+
+
+def test_ids_without_a_token_are_never_generated(single_rank):
+    """cl100k leaves ids without a token (100261-100275 bar the two ChatML ones): a model that
+    favours them (as a PPO policy drifting over a barely trained vocabulary did) still generates
+    text the tokenizer decodes, greedy and sampled."""
+    from thann.data.tokenizer import TiktokenTokenizer
+    from thann.models.thann.model import ThannModel, transformer_config
+
+    tokenizer = TiktokenTokenizer()
+    assert set(range(100261, 100276)) - {100264, 100265} <= set(tokenizer.unused_ids)
+    model_cfg = OmegaConf.load(TINY_MODEL)
+    model = ThannModel(transformer_config(model_cfg, single_rank, bf16=False), model_cfg, VOCAB, 64)
+    model = model.to(state.device())
+    original, favoured = model.forward, torch.tensor(tokenizer.unused_ids)
+
+    def favouring(*args, **kwargs):
+        logits = original(*args, **kwargs)
+        logits[..., favoured] += 100.0
+        return logits
+
+    model.forward = favouring
+    generator = Generator([model], tokenizer, max_sequence_length=64)
+    for params in (SamplingParams(max_new_tokens=6), SamplingParams(max_new_tokens=6, temperature=1.0, seed=3)):
+        result = generator.generate([tokenizer.encode("Hello there")], params)[0]
+        assert result.tokens and not set(result.tokens) & set(tokenizer.unused_ids)
+        assert result.text == tokenizer.decode(result.tokens)
 
 
 def test_sampling_keeps_top_k_and_top_p_and_is_seeded_per_row():

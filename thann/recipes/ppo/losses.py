@@ -10,17 +10,20 @@ import math
 
 import torch
 
+from thann.inference.sampling import without_unused
 
-def sampling_log_softmax(logits, temperature: float, vocab_size: int):
+
+def sampling_log_softmax(logits, temperature: float, vocab_size: int, unused_ids: tuple[int, ...] = ()):
     """The sampling distribution's log-probabilities: softmax of the logits over the real
-    vocabulary (not the padding added for tensor parallelism) divided by the temperature."""
-    return torch.log_softmax(logits[..., :vocab_size].float() / temperature, dim=-1)
+    vocabulary (not the padding added for tensor parallelism, nor ids without a token, which the
+    generator never chooses) divided by the temperature."""
+    return torch.log_softmax(without_unused(logits[..., :vocab_size].float(), unused_ids) / temperature, dim=-1)
 
 
-def policy_logprobs(logits, tokens, temperature: float, vocab_size: int):
+def policy_logprobs(logits, tokens, temperature: float, vocab_size: int, unused_ids: tuple[int, ...] = ()):
     """log π(token) under the sampling distribution: the one function the rollout (its
     KV-cached logits) and the update (a full forward) both use."""
-    return token_logprobs(sampling_log_softmax(logits, temperature, vocab_size), tokens)
+    return token_logprobs(sampling_log_softmax(logits, temperature, vocab_size, unused_ids), tokens)
 
 
 def token_logprobs(log_softmax, tokens):
@@ -28,8 +31,8 @@ def token_logprobs(log_softmax, tokens):
 
 
 def entropy(log_softmax):
-    """Entropy of a distribution at each position, from its log-probabilities."""
-    return -(log_softmax.exp() * log_softmax).sum(-1)
+    """Entropy of a distribution at each position, from its log-probabilities (0 log 0 = 0)."""
+    return -(log_softmax.exp() * log_softmax.nan_to_num(neginf=0.0)).sum(-1)
 
 
 def kl_estimate(logp, ref_logp, estimator: str):

@@ -184,7 +184,8 @@ class PPO(Recipe):
     # -- rollout ------------------------------------------------------------------------------------
 
     def _logprobs(self, logits, tokens):
-        return losses.policy_logprobs(logits, tokens, self.p.temperature, self.tokenizer.vocab_size)
+        return losses.policy_logprobs(logits, tokens, self.p.temperature, self.tokenizer.vocab_size,
+                                      self.tokenizer.unused_ids)
 
     def rollout(self, ctx, first: int, prompts: list, seed: int, for_update: bool = True) -> dict:
         """This rank's rollouts of ``prompts`` (global position ``first`` onwards), scored; with
@@ -364,7 +365,8 @@ class PPO(Recipe):
 
         def loss(logits):
             # The rollout's policy_logprobs, computed once with the distribution's entropy.
-            log_softmax = losses.sampling_log_softmax(logits[:, :-1], self.p.temperature, self.tokenizer.vocab_size)
+            log_softmax = losses.sampling_log_softmax(logits[:, :-1], self.p.temperature, self.tokenizer.vocab_size,
+                                                      self.tokenizer.unused_ids)
             logp = torch.zeros(tokens.shape, device=device)
             logp[:, 1:] = losses.token_logprobs(log_softmax, tokens[:, 1:])
             entropy = torch.zeros(tokens.shape, device=device)
