@@ -78,7 +78,8 @@ def test_checkpoint_io_benchmark_reports_the_size_on_disk_and_its_rates(tmp_path
         assert float(size) == pytest.approx(on_disk / 1e9, abs=1e-4)  # measured here, walking the directory
         # weights and two Adam moments of 14.7M fp32 parameters, and little else
         assert 3 * 14_670_464 * 4 <= on_disk <= 1.05 * 3 * 14_670_464 * 4
-        assert float(save_rate) == pytest.approx(float(size) / float(save), rel=0.02)
+        # rates are printed to 3 decimals (a slow disk's tiny checkpoint: 0.006 GB/s)
+        assert float(save_rate) == pytest.approx(float(size) / float(save), rel=0.02, abs=5e-4)
         assert float(of_disk) == pytest.approx(float(save_rate) / disk_write, rel=0.02, abs=0.006)
         assert float(of_sync) == pytest.approx(float(blocked) / sync[fmt], rel=0.02, abs=0.002)
         if mode != "async":
@@ -86,7 +87,7 @@ def test_checkpoint_io_benchmark_reports_the_size_on_disk_and_its_rates(tmp_path
         else:  # the loop trained until the checkpoint was published, each poll counted as blocked
             assert int(steps) >= 1 and float(blocked) <= float(save)
     for fmt, size, load, load_rate, of_disk in loads:
-        assert float(load_rate) == pytest.approx(float(size) / float(load), rel=0.02)
+        assert float(load_rate) == pytest.approx(float(size) / float(load), rel=0.02, abs=5e-4)
         assert float(of_disk) == pytest.approx(float(load_rate) / disk_read, rel=0.02, abs=0.006)
 
 
