@@ -123,7 +123,8 @@ def test_bad_input_is_one_line_with_exit_2(tiny_checkpoint, tmp_path):
         (["ppo.reward=rewards:missing"], "ppo.reward='rewards:missing': rewards has no callable 'missing'", False),
         (["ppo.reward=nowhere:score"], "ppo.reward='nowhere:score': cannot import 'nowhere'", False),
         (["ppo.reward=rewards:raises"], "ppo.reward='rewards:raises': raised ValueError: no reward today", True),
-        (["ppo.reward=rewards:short"], "ppo.reward='rewards:short': returned 1 values for 2 responses", True),  # at step 0
+        # the step-0 evaluation's 2 held-out responses meet it first
+        (["ppo.reward=rewards:short"], "ppo.reward='rewards:short': returned 1 values for 2 responses", True),
         ([f"ppo.prompts={tmp_path / 'long.jsonl'}"], "ppo.prompts=", False),
         (["ppo=grpo", "ppo.samples_per_prompt=1"], "ppo.samples_per_prompt=1: ppo.advantage=grpo compares", False),
     ]
@@ -149,5 +150,5 @@ def test_actor_and_critic_of_different_tokenizers_are_refused(tiny_checkpoint, t
     run = _finetune(SMALL + [f"init_from={tiny_checkpoint}", f"ppo.critic.init_from={other}",
                              f"checkpoint.dir={tmp_path / 'run'}"])
     assert run.returncode == 2, run.stderr[-2000:]
-    assert run.stderr.strip().startswith(f"invalid config: ppo.critic.init_from='{checkpoint}': was trained with tokenizer "
-                                         "my_bpe")
+    assert run.stderr.strip().startswith(f"invalid config: ppo.critic.init_from='{checkpoint}': was trained with "
+                                         "tokenizer my_bpe")
