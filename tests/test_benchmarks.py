@@ -9,6 +9,7 @@ import pytest
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_throughput_benchmark_runs_thann_and_hf_mixtral_at_tiny_scale(tiny_corpus):
     out = subprocess.run(
         [sys.executable, "benchmarks/throughput.py", "--model", "thann_tiny", "--seq-length", "32",
@@ -29,6 +30,7 @@ def test_throughput_benchmark_runs_thann_and_hf_mixtral_at_tiny_scale(tiny_corpu
     assert len(profiled) >= 10 and any(op == "aten::_fused_adamw_" for op, *_ in profiled), out.stdout
 
 
+@pytest.mark.slow
 def test_generation_benchmark_prints_thann_and_hf_rows():
     out = subprocess.run([sys.executable, "benchmarks/generation.py", "--prompt", "8", "--new", "4", "--batch", "1",
                           "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -46,6 +48,7 @@ def test_cpu_accommodations_benchmark_counts_calls_through_the_mode(tiny_corpus,
     assert calls and int(calls.group(1)) > 100, out.stdout
 
 
+@pytest.mark.slow
 def test_contrastive_memory_benchmark_prints_a_row_per_global_batch(pairs_with_negatives):
     out = subprocess.run([sys.executable, "benchmarks/contrastive_memory.py", "--global-batches", "4", "--micro-batch",
                           "2", "--steps", "1", "--data", pairs_with_negatives], cwd=ROOT, capture_output=True,
@@ -55,6 +58,7 @@ def test_contrastive_memory_benchmark_prints_a_row_per_global_batch(pairs_with_n
     assert row and all(float(v) > 0 for v in row.groups()), out.stdout
 
 
+@pytest.mark.slow
 def test_checkpoint_io_benchmark_reports_the_size_on_disk_and_its_rates(tmp_path):
     out = subprocess.run([sys.executable, "benchmarks/checkpoint_io.py", "--model", "thann_tiny", "--layers", "2",
                           "--repeats", "1", "--disk-gib", "0.0625", "--dir", str(tmp_path / "bench"), "--keep"],
@@ -105,6 +109,7 @@ def test_preprocess_benchmark_counts_the_tokens_tiktoken_makes():
     assert int(tokens.replace(",", "")) == sum(len(encoding.encode(t)) + 1 for t in texts)  # + end-of-document
 
 
+@pytest.mark.slow
 def test_step_benchmark_times_thann_beside_the_stock_spec_at_the_same_shape():
     out = subprocess.run([sys.executable, "benchmarks/step_vs_gpt.py", "--steps", "1", "--micro-batch", "2",
                           "--seq", "32"], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -120,6 +125,7 @@ def test_step_benchmark_times_thann_beside_the_stock_spec_at_the_same_shape():
     assert int(thann_rate.replace(",", "")) == pytest.approx(2 * 32 / (float(thann_ms) / 1e3), rel=0.01)
 
 
+@pytest.mark.slow
 def test_nnn_benchmark_compares_models_of_the_same_size(tiny_chat_corpus, tmp_path):
     out = subprocess.run([sys.executable, "benchmarks/nnn_vs_transformer.py", "--steps", "4", "--seeds", "1",
                           "--contexts", "64", "--new-tokens", "4", "--data", tiny_chat_corpus, "--work-dir",

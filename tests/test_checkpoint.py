@@ -10,7 +10,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import ROOT, read_metrics, run_patched, run_pretrain, tiny_run_overrides
+from conftest import ROOT, read_metrics, run_patched, run_pretrain, slow_case, tiny_run_overrides
 
 HARNESS = os.path.join(ROOT, "tests", "support", "checkpoint_harness.py")
 
@@ -19,7 +19,7 @@ def _train_losses(run_dir):
     return [(r["step"], r["split"], r["loss"]) for r in read_metrics(run_dir)]
 
 
-@pytest.mark.parametrize("fmt", ["zarr", "torch_dist"])
+@pytest.mark.parametrize("fmt", ["zarr", slow_case("torch_dist")])
 def test_resume_continues_bitwise_exactly(tiny_corpus, tmp_path, fmt):
     """20 steps straight == 10 steps, stop, resume, 10 more: every loss identical (dropout on)."""
     common = tiny_run_overrides(tiny_corpus, tmp_path / "straight", steps=20) + [
@@ -71,7 +71,7 @@ def saved_at_tp2_ep2(tiny_corpus, tmp_path_factory):
     return base
 
 
-@pytest.mark.parametrize("nproc, layout", [(1, []), (2, ["parallel.pp=2"])], ids=["tp1", "pp2"])
+@pytest.mark.parametrize("nproc, layout", [pytest.param(1, [], id="tp1"), slow_case(2, ["parallel.pp=2"], id="pp2")])
 def test_checkpoint_from_tp2_ep2_loads_into_other_layouts(tiny_corpus, saved_at_tp2_ep2, nproc, layout):
     base = saved_at_tp2_ep2
     name = f"loaded_{nproc}"
@@ -154,6 +154,7 @@ zarr_store._write_shards = write_then_die
 """
 
 
+@pytest.mark.slow
 def test_rank_killed_while_writing_leaves_the_previous_checkpoint(tiny_corpus, tmp_path):
     run_dir = tmp_path / "run"
     overrides = tiny_run_overrides(tiny_corpus, run_dir, steps=6) + [

@@ -295,6 +295,7 @@ def _run_guarded(patch: str, overrides: list[str], tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 def test_torch_dist_async_saves_wait_for_a_stop_are_flushed_and_resume(tiny_corpus, tmp_path):
     """megatron-core's forked writer; SIGTERM while it writes: the run trains step 3, waits for
     step 2's checkpoint, saves step 3 and stops (75); both were flushed before publishing."""

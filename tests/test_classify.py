@@ -199,6 +199,7 @@ def test_bad_input_is_one_line_naming_the_field_with_exit_2(tmp_path):
 
 # -- the claims benchmark --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_claims_benchmark_writes_its_tables_and_plot(tmp_path):
     out = subprocess.run(
         [sys.executable, "benchmarks/chaosnet_claims.py", "--steps", "2", "--stage-steps", "1", "--seeds", "2",

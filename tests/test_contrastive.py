@@ -4,6 +4,7 @@ transfer metrics are scikit-learn's on the model's embeddings; thann-embed of a 
 the mean of its final hidden states; bad input is one line with exit code 2."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from conftest import ROOT, slow_case
 
 HARNESS = os.path.join(ROOT, "tests", "support", "contrastive_harness.py")
 # Question/reply pairs (the default) without dropout in the decoder, pinned (SimCSE runs set it); the
@@ -20,6 +21,7 @@ HARNESS = os.path.join(ROOT, "tests", "support", "contrastive_harness.py")
 MODEL = ["data=sharegpt_pairs", "model.hidden_dropout=0.0", "model.attention_dropout=0.0", "model.num_layers=2",
          "model.hidden_size=64", "model.num_attention_heads=4", "model.moe_ffn_hidden_size=64",
          "model.moe_aux_loss_coeff=0.0", "train.precision=fp32", "contrastive.hard_negatives=1",
+         "contrastive.learnable_temperature=true",
          "train.seq_length=32", "train.steps=4", "train.warmup_steps=1", "contrastive.eval_pool=10",
          "contrastive.transfer.train=60", "contrastive.transfer.test=30", "contrastive.transfer.k=5",
          "logging.wandb.enabled=false", "logging.progress=false"]
@@ -69,6 +71,8 @@ def test_grad_cache_over_2_ranks_and_2_micro_batches_equals_one_pass(encoder, pa
     from support.full_state import gather_full
     from thann.data.order import SampleOrder
     from thann.data.pairs import pair_batches
+    from megatron.core.utils import unwrap_model
+
     from thann.inference.embedding import encode
 
     base, cfg, recipe, model, tensors = encoder
@@ -87,7 +91,9 @@ def test_grad_cache_over_2_ranks_and_2_micro_batches_equals_one_pass(encoder, pa
             positives.append(embedded[2:4])
             negatives.append(embedded[4:])
     candidates = torch.cat(positives + negatives)
-    scores = torch.cat(queries) @ candidates.T / cfg.contrastive.temperature
+    log_scale = unwrap_model(model).pooled_embedding.log_scale  # learnt: 1/temperature = its exp
+    assert log_scale.item() == pytest.approx(-math.log(cfg.contrastive.temperature))
+    scores = torch.cat(queries) @ candidates.T * log_scale.exp()
     assert scores.shape == (8, 16)  # every query against 8 positives and 8 hard negatives
     loss = F.cross_entropy(scores, torch.arange(8))
     for tensor in tensors:
@@ -100,12 +106,14 @@ def test_grad_cache_over_2_ranks_and_2_micro_batches_equals_one_pass(encoder, pa
     full_expected = torch.cat([expected[k].flatten() for k in sorted(expected)])
     assert _relative(full_got, full_expected) < 1e-5
     assert all(expected[k].abs().sum() > 0 for k in expected if "experts" not in k), "a part got no gradient"
+    (temperature,) = [k for k in expected if k.endswith("log_scale")]
+    torch.testing.assert_close(got["gradients"][temperature], expected[temperature], rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("nproc, layout", [
     (2, ["parallel.tp=2", "parallel.sp=true"]),
     (2, ["parallel.pp=2"]),
-    (2, ["parallel.ep=2"]),
+    slow_case(2, ["parallel.ep=2"]),
 ], ids=["tp2_sp", "pp2", "ep2"])
 def test_every_layout_computes_the_single_rank_loss(encoder, pairs_with_negatives, nproc, layout):
     base, *_ = encoder
@@ -197,6 +205,7 @@ def contrastive_checkpoint(pairs_with_negatives, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_thann_embed_writes_the_same_embeddings_in_another_layout(contrastive_checkpoint, tmp_path):
     import numpy as np
 
@@ -238,6 +247,7 @@ def test_contrastive_run_logs_transfer_beside_start_and_lexical_baselines(contra
         assert name in valid[-1] and f"start_{name}" in valid[-1]
 
 
+@pytest.mark.slow
 def test_thann_embed_of_a_language_model_is_the_mean_of_its_final_hidden_states(tiny_checkpoint, single_rank,
                                                                                  tmp_path):
     """A pretraining checkpoint embeds a text as the L2-normalised mean of the language model's

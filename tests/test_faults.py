@@ -18,6 +18,7 @@ def _train_losses(run_dir):
     return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if r["split"] == "train"]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_stops_and_the_next_start_continues_exactly(tiny_corpus, tmp_path):
     straight = run_pretrain(tiny_run_overrides(tiny_corpus, tmp_path / "straight", steps=30))
     assert straight.returncode == 0
@@ -36,6 +37,7 @@ def test_sigterm_saves_stops_and_the_next_start_continues_exactly(tiny_corpus, t
     assert _train_losses(tmp_path / "run") == _train_losses(tmp_path / "straight")
 
 
+@pytest.mark.slow
 def test_sigusr1_to_one_rank_stops_both_ranks_after_the_same_step(tiny_corpus, tmp_path):
     overrides = tiny_run_overrides(tiny_corpus, tmp_path, steps=40) + ["logging.wandb.enabled=false",
                                                                      "logging.progress=false"]

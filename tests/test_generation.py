@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, TINY_MODEL
+from conftest import ROOT, TINY_MODEL, slow_case
 from thann.inference.generator import Generator
 from thann.inference.sampling import SamplingParams, choose, row_generator
 from thann.parallel import state
@@ -156,16 +156,17 @@ def single_rank_generations(tiny_checkpoint, prompts_file, tmp_path_factory):
 
 
 @pytest.mark.parametrize("nproc, layout, mode", [
-    (2, ["parallel.tp=2", "parallel.sp=true"], "greedy"),
-    (2, ["parallel.pp=2"], "greedy"),
-    (2, ["parallel.ep=2"], "greedy"),
-    (4, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2"], "greedy"),
-    (4, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2"], "sampled"),
-    (2, [], "sampled"),  # two data-parallel ranks, each with its share of the prompts
+    slow_case(2, ["parallel.tp=2", "parallel.sp=true"], "greedy", id="tp2_sp"),
+    pytest.param(2, ["parallel.pp=2"], "greedy", id="pp2"),
+    slow_case(2, ["parallel.ep=2"], "greedy", id="ep2"),
+    slow_case(4, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2"], "greedy", id="tp2_sp_ep2"),
+    pytest.param(4, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2"], "sampled", id="tp2_sp_ep2_sampled"),
+    # two data-parallel ranks, each with its share of the prompts
+    slow_case(2, [], "sampled", id="dp2_sampled"),
     # expert parallelism across two data-parallel ranks holding prompts of different lengths
     # (rank 0 prompts 0 and 2, rank 1 prompt 1 and a batch it drops): steps agreed by all ranks
-    (2, ["parallel.ep=2", "batch_size=1"], "greedy"),
-], ids=["tp2_sp", "pp2", "ep2", "tp2_sp_ep2", "tp2_sp_ep2_sampled", "dp2_sampled", "ep2_dp2_own_prompts"])
+    pytest.param(2, ["parallel.ep=2", "batch_size=1"], "greedy", id="ep2_dp2_own_prompts"),
+])
 def test_every_layout_generates_what_one_rank_does(tiny_checkpoint, prompts_file, single_rank_generations,
                                                    tmp_path, nproc, layout, mode):
     sampling = ["temperature=1.0", "top_k=50", "seed=7"] if mode == "sampled" else []
@@ -187,8 +188,8 @@ def test_a_single_prompt_streams_its_tokens(tiny_checkpoint):
 
 @pytest.mark.parametrize("override, message", [
     ("prompt=" + "word " * 80, "invalid config: prompt="),            # longer than the sequence budget (64)
-    ("prompt=''", "invalid config: prompt='': is empty"),
-    ("top_p=1.5", "invalid config: top_p='1.5': must be in (0, 1]"),
+    slow_case("prompt=''", "invalid config: prompt='': is empty"),
+    slow_case("top_p=1.5", "invalid config: top_p='1.5': must be in (0, 1]"),
     ("tokenizer={type:huggingface,model:/nonexistent}", "invalid config: tokenizer="),
 ])
 def test_bad_input_is_one_line_with_exit_2_and_writes_nothing(tiny_checkpoint, tmp_path, override, message):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import ROOT, run_pretrain, tiny_run_overrides
+from conftest import ROOT, run_pretrain, slow_case, tiny_run_overrides
 from thann.data.chat import encode_chat, encode_prompt
 from thann.data.tokenizer import build_tokenizer, train_bpe
 from thann.inference.generator import Generator
@@ -102,7 +102,7 @@ def assert_same_logits_and_greedy_tokens(hf, thann, tokenizer) -> None:
             assert relative(out.logits[step][row, :tokenizer.vocab_size], logits) < 1e-5
 
 
-@pytest.mark.parametrize("source", ["tp1", pytest.param("tp2_ep2", marks=pytest.mark.slow)])  # slow: 4 ranks train
+@pytest.mark.parametrize("source", ["tp1", slow_case("tp2_ep2")])  # slow: 4 ranks train
 def test_thann_export_gives_thanns_logits_and_greedy_tokens(request, single_rank, thann_export, source, tmp_path):
     from transformers import AutoModelForCausalLM
 

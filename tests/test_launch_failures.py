@@ -8,15 +8,15 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_pretrain, tiny_run_overrides
+from conftest import ROOT, run_pretrain, slow_case, tiny_run_overrides
 
 
 @pytest.mark.parametrize("layout, field", [
     (["parallel.tp=4"], "parallel.tp"),                                 # world size 2 not divisible by tp
-    (["parallel.tp=2", "model.num_attention_heads=1"], "parallel.tp"),   # tp does not divide heads
+    slow_case(["parallel.tp=2", "model.num_attention_heads=1"], "parallel.tp"),   # tp does not divide heads
     (["parallel.ep=3"], "parallel.ep"),                                 # ep does not divide 16 experts
-    (["parallel.pp=2", "model.num_layers=1"], "parallel.pp"),           # more stages than layers
-    (["parallel.sp=true"], "parallel.sp"),                              # sequence parallel without tp
+    slow_case(["parallel.pp=2", "model.num_layers=1"], "parallel.pp"),  # more stages than layers
+    slow_case(["parallel.sp=true"], "parallel.sp"),                     # sequence parallel without tp
     (["parallel.tp=2"], "parallel.sp"),                                 # MoE under tp needs sp
 ])
 def test_invalid_layout_stops_every_rank_with_one_message(tiny_corpus, tmp_path, layout, field):

@@ -403,6 +403,7 @@ def test_a_run_stopped_right_after_a_growth_resumes_exactly(tmp_path):
         assert (a[name][...] == b[name][...]).all(), name
 
 
+@pytest.mark.slow
 def test_the_ablation_benchmark_writes_its_table_and_plot(tmp_path):
     out = subprocess.run(
         [sys.executable, "benchmarks/nhsnet_ablation.py", "--steps", "2", "--seeds", "2", "--variants",

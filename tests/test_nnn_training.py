@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, read_metrics, run_pretrain, tiny_run_overrides
+from conftest import ROOT, read_metrics, run_pretrain, slow_case, tiny_run_overrides
 
 LAYOUT_HARNESS = os.path.join(ROOT, "tests", "support", "layout_harness.py")
 CHECKPOINT_HARNESS = os.path.join(ROOT, "tests", "support", "checkpoint_harness.py")
@@ -61,6 +61,7 @@ def test_nnn_layout_matches_a_single_rank(tiny_corpus, nnn_reference, nproc, lay
     assert got["losses"] == pytest.approx(ref["losses"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_nnn_checkpoint_from_pp2_resumes_on_one_rank_with_equal_weights(tiny_corpus, tmp_path):
     common = [*NNN, f"data.paths=[{tiny_corpus}]", "train.steps=4", "train.warmup_steps=1", "train.micro_batch_size=2",
               "train.global_batch_size=4", "train.seq_length=32", "train.eval_interval=100",
@@ -78,7 +79,8 @@ def test_nnn_checkpoint_from_pp2_resumes_on_one_rank_with_equal_weights(tiny_cor
 
 @pytest.mark.parametrize("nproc, override, message", [
     (2, ["parallel.pp=2", "model.num_nodes=3"], "invalid config: parallel.pp=2: must divide model.num_nodes=3"),
-    (2, ["parallel.tp=2", "parallel.sp=true"], "invalid config: parallel.tp=2: NNN has no tensor-parallel BitLinear"),
+    slow_case(2, ["parallel.tp=2", "parallel.sp=true"],
+              "invalid config: parallel.tp=2: NNN has no tensor-parallel BitLinear"),
 ])
 def test_bad_nnn_layouts_are_one_line_with_exit_2(tiny_corpus, tmp_path, nproc, override, message):
     run = run_pretrain(tiny_run_overrides(tiny_corpus, tmp_path / "run") + ["model=nnn_tiny", *override], nproc=nproc,
@@ -87,6 +89,7 @@ def test_bad_nnn_layouts_are_one_line_with_exit_2(tiny_corpus, tmp_path, nproc, 
     assert run.stderr.count("invalid config: ") == 1 and re.search(r"exitcode\s*:\s*2 ", run.stderr)
 
 
+@pytest.mark.slow
 def test_the_packed_export_generates_what_the_checkpoint_generates(tiny_corpus, tmp_path):
     run = run_pretrain(tiny_run_overrides(tiny_corpus, tmp_path / "run", steps=2) + [*NNN])
     assert run.returncode == 0, run.stderr[-3000:]

@@ -134,6 +134,7 @@ def _downgrade(checkpoint):
     (checkpoint / "manifest.json").write_text(json.dumps({"files": manifest}))
 
 
+@pytest.mark.slow
 def test_an_old_pickled_checkpoint_is_refused_until_upgraded_then_resumes_exactly(tiny_corpus, tmp_path):
     def losses(run_dir):
         return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if r["split"] == "train"]

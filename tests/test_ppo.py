@@ -12,7 +12,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import ROOT, read_metrics
+from conftest import ROOT, read_metrics, slow_case
 
 HARNESS = os.path.join(ROOT, "tests", "support", "ppo_harness.py")
 # Four prompts of one iteration, one mini-batch: what the first update sees is the rollout itself.
@@ -44,9 +44,15 @@ def _relative(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("nproc, layout", [(1, []), (2, ["parallel.tp=2", "parallel.sp=true"])],
-                         ids=["1rank", "tp2_sp"])
+TP2_SP = ["parallel.tp=2", "parallel.sp=true"]
+
+
+@pytest.mark.parametrize("temperature, nproc, layout", [
+    slow_case(1.0, 1, [], id="1rank-1.0"),
+    slow_case(0.7, 1, [], id="1rank-0.7"),
+    slow_case(1.0, 2, TP2_SP, id="tp2_sp-1.0"),
+    pytest.param(0.7, 2, TP2_SP, id="tp2_sp-0.7"),
+])
 def test_the_update_sees_the_rollouts_own_log_probabilities(tiny_checkpoint, tmp_path, temperature, nproc, layout):
     """The first mini-batch of the first epoch: the update's full forward gives the log-probability
     the KV-cached rollout recorded for every response token (learnt tokenization on), so the ratio
@@ -66,7 +72,7 @@ def single(tiny_checkpoint, tmp_path_factory):
                                               "ppo.mini_batches=2", "train.micro_batch_size=1"], 1)
 
 
-@pytest.mark.parametrize("nproc, layout", [(2, []), (2, ["parallel.tp=2", "parallel.sp=true"])], ids=["dp2", "tp2_sp"])
+@pytest.mark.parametrize("nproc, layout", [pytest.param(2, [], id="dp2"), slow_case(2, TP2_SP, id="tp2_sp")])
 def test_every_layout_computes_a_single_ranks_first_iteration(single, tiny_checkpoint, tmp_path, nproc, layout):
     got = _harness(tmp_path / "out.pt", SMALL + layout + [f"init_from={tiny_checkpoint}",
                                                          f"checkpoint.dir={tmp_path / 'run'}", "ppo.mini_batches=2",
@@ -82,7 +88,10 @@ def test_every_layout_computes_a_single_ranks_first_iteration(single, tiny_check
         assert reference.norm() > 0 and _relative(mine, reference) < 1e-4, slot
 
 
-@pytest.mark.parametrize("nproc, layout", [(2, ["parallel.pp=2"]), (2, ["parallel.ep=2"])], ids=["pp2", "ep2"])
+@pytest.mark.parametrize("nproc, layout", [
+    pytest.param(2, ["parallel.pp=2"], id="pp2"),
+    slow_case(2, ["parallel.ep=2"], id="ep2"),
+])
 def test_pipeline_and_expert_layouts_complete_an_iteration(tiny_checkpoint, tmp_path, nproc, layout):
     record = _harness(tmp_path / "out.pt", SMALL + layout + [f"init_from={tiny_checkpoint}",
                                                             f"checkpoint.dir={tmp_path / 'run'}"], nproc)["record"]
@@ -128,15 +137,15 @@ def test_bad_input_is_one_line_with_exit_2(tiny_checkpoint, tmp_path):
         ([f"ppo.prompts={tmp_path / 'long.jsonl'}"], "ppo.prompts=", False),
         (["ppo=grpo", "ppo.samples_per_prompt=1"], "ppo.samples_per_prompt=1: ppo.advantage=grpo compares", False),
     ]
-    for overrides, message, after_rollout in cases:
+    for i, (overrides, message, after_rollout) in enumerate(cases):
         run = subprocess.run([sys.executable, os.path.join(ROOT, "finetune_ppo.py"), *base, *overrides,
-                              f"checkpoint.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300,
+                              f"checkpoint.dir={tmp_path / f'run{i}'}"], capture_output=True, text=True, timeout=300,
                              env=_env(), cwd=tmp_path)  # the reward module is in the working directory
         assert run.returncode == 2, (overrides, run.stderr[-2000:])
         last = run.stderr.strip().split("\n")[-1]
         assert last.startswith(f"invalid config: {message}"), (overrides, run.stderr[-2000:])
         assert "Traceback" not in run.stderr
-        built = (tmp_path / "run" / "metrics.jsonl").exists()
+        built = (tmp_path / f"run{i}" / "metrics.jsonl").exists()
         assert built == after_rollout, overrides  # known before anything is built, where it can be
 
 

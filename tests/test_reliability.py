@@ -10,7 +10,8 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT, read_metrics, run_patched, run_pretrain, start_pretrain, tiny_run_overrides, wait_for_step
+from conftest import (ROOT, read_metrics, run_patched, run_pretrain, slow_case, start_pretrain, tiny_run_overrides,
+                      wait_for_step)
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_NONFINITE, EXIT_STOPPED, EXIT_ABORTED = 1, 2, 3, 75, 130
 
@@ -131,6 +132,7 @@ def test_a_second_run_on_the_same_directory_is_refused_and_a_stale_lock_is_taken
 
 # -- 3. resume with a changed config: continue training, follow the new schedule -----------------
 
+@pytest.mark.slow
 def test_raising_train_steps_continues_on_the_new_schedule(tiny_corpus, tmp_path):
     def lrs(run_dir):
         return {r["step"]: r["lr"] for r in read_metrics(run_dir) if r["split"] == "train"}
@@ -209,8 +211,9 @@ def _truncate_a_chunk(checkpoint):
 
 @pytest.mark.parametrize("damage, reason", [
     (_truncate_a_chunk, "checksum mismatch in array 'embedding.word_embeddings.weight'"),
-    (lambda c: (c / "manifest.json").unlink(), "no manifest.json (incomplete checkpoint)"),
-    (lambda c: (c.parent / "latest").write_text("iter_0000099"), "'latest' names iter_0000099, which is missing"),
+    slow_case(lambda c: (c / "manifest.json").unlink(), "no manifest.json (incomplete checkpoint)"),
+    slow_case(lambda c: (c.parent / "latest").write_text("iter_0000099"),
+              "'latest' names iter_0000099, which is missing"),
 ], ids=["truncated_chunk", "missing_manifest", "latest_names_a_missing_directory"])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tiny_corpus, saved_at_2_and_4, tmp_path,
                                                                     damage, reason):
@@ -249,13 +252,13 @@ def test_resume_refuses_what_it_cannot_continue(tiny_corpus, saved_at_2_and_4, t
 
 @pytest.mark.parametrize("override, message", [
     ("checkpoint.format=foo", "invalid config: checkpoint.format='foo'"),
-    ("checkpoint.dir=/proc/thann_run", "invalid config: checkpoint.dir='/proc/thann_run': cannot be"),
-    ("train.warmup_steps=4", "invalid config: train.warmup_steps=4: must be in [0, train.steps=4)"),
+    slow_case("checkpoint.dir=/proc/thann_run", "invalid config: checkpoint.dir='/proc/thann_run': cannot be"),
+    slow_case("train.warmup_steps=4", "invalid config: train.warmup_steps=4: must be in [0, train.steps=4)"),
     ("train.stepz=3", "invalid config: train.stepz: no such field (did you mean train.steps?)"),
-    ("+train.stepz=3", "invalid config: train.stepz: no such field (did you mean train.steps?)"),
-    ("model=thann_huge", "invalid config: model=thann_huge: no such option (available:"),
-    ("~train.steps", "invalid config: ~train.steps: keys cannot be deleted"),
-    ("train.steps", "invalid config: train.steps: expected key=value"),
+    slow_case("+train.stepz=3", "invalid config: train.stepz: no such field (did you mean train.steps?)"),
+    slow_case("model=thann_huge", "invalid config: model=thann_huge: no such option (available:"),
+    slow_case("~train.steps", "invalid config: ~train.steps: keys cannot be deleted"),
+    slow_case("train.steps", "invalid config: train.steps: expected key=value"),
 ])
 def test_usage_errors_are_one_line_with_exit_2(tiny_corpus, tmp_path, override, message):
     out = run_pretrain(tiny_run_overrides(tiny_corpus, tmp_path / "run") + [override], timeout=120)
@@ -304,7 +307,7 @@ plain.dump = dump_until_full
 
 
 @pytest.mark.parametrize("patch, cause", [
-    (LOW_ON_SPACE_AT_THE_SECOND_SAVE, "not enough free space in"),
+    slow_case(LOW_ON_SPACE_AT_THE_SECOND_SAVE, "not enough free space in"),
     (DISK_FULL_WHILE_WRITING, "No space left on device"),
 ], ids=["checked_before_saving", "full_while_writing"])
 def test_a_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(tiny_corpus, tmp_path, patch, cause):

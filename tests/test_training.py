@@ -2,13 +2,14 @@
 
 import pytest
 
-from conftest import read_metrics, run_pretrain, tiny_run_overrides
+from conftest import read_metrics, run_pretrain, slow_case, tiny_run_overrides
 
 
 def _losses(records):
     return [(r["step"], r["split"], r["loss"]) for r in records]
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_losses(tiny_corpus, tmp_path):
     runs = []
     for name in ("a", "b"):
@@ -50,12 +51,12 @@ def test_validation_loss_drops_by_more_than_one_nat(tiny_corpus, tmp_path):
 
 @pytest.mark.parametrize("override, field", [
     ("model.num_attention_heads=15", "model.num_attention_heads"),
-    ("data.paths=[/nonexistent/corpus]", "data.paths[0]"),
-    ("data.weights=[0.5,0.5]", "data.weights"),
+    slow_case("data.paths=[/nonexistent/corpus]", "data.paths[0]"),
+    slow_case("data.weights=[0.5,0.5]", "data.weights"),
     ("data.tokenizer.model=no_such_encoding", "data.tokenizer"),
-    ("train.global_batch_size=3", "train.global_batch_size"),
-    ("model.moe_router_topk=17", "model.moe_router_topk"),
-    ("parallel.sp=true", "parallel.sp"),
+    slow_case("train.global_batch_size=3", "train.global_batch_size"),
+    slow_case("model.moe_router_topk=17", "model.moe_router_topk"),
+    slow_case("parallel.sp=true", "parallel.sp"),
     ("data.prompt_template='Q: {question}'", "data.prompt_template"),
 ])
 def test_bad_override_fails_before_training_naming_the_field(tiny_corpus, tmp_path, override, field):
@@ -73,8 +74,12 @@ def test_wandb_offline_and_tensorboard_receive_the_metrics(tiny_corpus, tmp_path
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
-@pytest.mark.parametrize("recipe", ["pretrain", "contrastive"])
-@pytest.mark.parametrize("nproc, layout", [(1, []), (2, ["parallel.tp=2", "parallel.sp=true"])], ids=["1rank", "tp2_sp"])
+@pytest.mark.parametrize("nproc, layout, recipe", [
+    pytest.param(1, [], "pretrain", id="1rank-pretrain"),
+    slow_case(1, [], "contrastive", id="1rank-contrastive"),
+    slow_case(2, ["parallel.tp=2", "parallel.sp=true"], "pretrain", id="tp2_sp-pretrain"),
+    pytest.param(2, ["parallel.tp=2", "parallel.sp=true"], "contrastive", id="tp2_sp-contrastive"),
+])
 def test_the_moe_auxiliary_loss_is_switch_transformers_loss_of_what_the_routers_saw(
         tiny_corpus, pairs_with_negatives, tmp_path, recipe, nproc, layout):
     """The reported aux_loss (coefficient 0.05) equals the load-balancing loss computed in

@@ -10,7 +10,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import ROOT, read_metrics, run_pretrain, tiny_run_overrides
+from conftest import ROOT, read_metrics, run_pretrain, slow_case, tiny_run_overrides
 
 # Dropout off: the tp2 continuation is compared with the tp1 one, and sequence parallelism draws
 # its masks from another stream.
@@ -51,6 +51,7 @@ def runs(tiny_corpus, tmp_path_factory):
     return base
 
 
+@pytest.mark.slow
 def test_untied_training_resumes_exactly(runs):
     straight = _train_losses(runs / "straight")
     assert [step for step, split, _ in straight if split == "train"] == [1, 2, 3, 4]
@@ -60,6 +61,7 @@ def test_untied_training_resumes_exactly(runs):
     assert not (checkpoint[HEAD][:] == checkpoint[EMBEDDING][:]).all()
 
 
+@pytest.mark.slow
 def test_a_tp1_checkpoint_loads_under_tp2_and_continues(runs):
     saved = zarr.open(str(runs / "split" / "iter_0000002"), mode="r")
     loaded = torch.load(runs / "tp2.start.pt")
@@ -71,6 +73,7 @@ def test_a_tp1_checkpoint_loads_under_tp2_and_continues(runs):
     assert continued == pytest.approx(straight, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_generation_from_the_tp2_trained_untied_checkpoint(runs):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "generate_thann.py"), f"load={runs / 'tp2'}",
                           "prompt=What is the capital of France?", "max_new_tokens=3"],
@@ -95,7 +98,8 @@ def single_rank_start(tiny_corpus, tmp_path_factory):
     return _seeded_start(tiny_corpus, tmp_path_factory.mktemp("untied_seeded"), "single", 1, [])
 
 
-@pytest.mark.parametrize("layout", [["parallel.pp=2"], ["parallel.tp=2", "parallel.sp=true"]], ids=["pp2", "tp2_sp"])
+@pytest.mark.parametrize("layout", [slow_case(["parallel.pp=2"], id="pp2"),
+                                    pytest.param(["parallel.tp=2", "parallel.sp=true"], id="tp2_sp")])
 def test_every_layout_starts_from_the_single_rank_head(tiny_corpus, tmp_path, single_rank_start, layout):
     """pp2's last stage holds no embedding and tp2 holds half the head: both start from the
     single rank's untied head, drawn from the seed alone."""

@@ -162,6 +162,10 @@ class StepContext:
                                         collect_non_loss_data=True, **schedule)
         last_stage = parallel_state.is_pipeline_last_stage()
         reports, gradients = [], []
+        if not forward_only:
+            # Before the loss's backward: the loss may read parameters of its own (a learnt
+            # temperature), whose gradients it alone gives.
+            self._zero_grad(target)
         if last_stage:
             local = [e.detach().float().requires_grad_(not forward_only) for e in embeddings]
             value, report = loss(local)
@@ -173,7 +177,6 @@ class StepContext:
                 gradients = [e.grad * factor for e in local]
         if forward_only:
             return self._means(reports, target, nmb, forward_only)
-        self._zero_grad(target)
         after = _rng_snapshot()
         replay, pending = iter(starts), iter(gradients)
 

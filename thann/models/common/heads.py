@@ -21,8 +21,9 @@ class PooledEmbedding(torch.nn.Module):
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.pooling = pooling
         if learnt_temperature is not None:
-            # log(1/temperature), the scale of similarity scores, learnt with the model (as CLIP)
-            self.log_scale = torch.nn.Parameter(torch.tensor(-math.log(learnt_temperature), dtype=torch.float32))
+            # log(1/temperature), the scale of similarity scores, learnt with the model (as CLIP);
+            # one-dimensional so that megatron-core leaves it out of weight decay, as CLIP does
+            self.log_scale = torch.nn.Parameter(torch.tensor([-math.log(learnt_temperature)], dtype=torch.float32))
         self.projection = None
         if projection_dim:
             self.projection = torch.nn.Linear(hidden_size, projection_dim, bias=False, dtype=dtype)

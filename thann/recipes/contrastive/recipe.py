@@ -15,6 +15,7 @@ checkpoint, so a resumed run still reports them) and, for the tasks, for a lexic
 same texts (BM25, TF-IDF).
 """
 
+import math
 import os
 
 import numpy as np
@@ -142,9 +143,9 @@ class Contrastive(Recipe):
     # -- the step -----------------------------------------------------------------------------------
 
     def _scale(self, model_chunks: list) -> torch.Tensor:
-        """1/temperature: the head's learnt value, or the configured one."""
+        """1/temperature: the head's learnt value (at most 100, as CLIP's), or the configured one."""
         if self.contrastive.learnable_temperature:
-            return unwrap_model(model_chunks[-1]).pooled_embedding.log_scale.float().exp()
+            return unwrap_model(model_chunks[-1]).pooled_embedding.log_scale.float().clamp(max=math.log(100)).exp()
         return torch.tensor(1.0 / self.contrastive.temperature, device=state.device())
 
     def info_nce(self, embeddings: list[torch.Tensor], model_chunks: list):

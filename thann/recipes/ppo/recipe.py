@@ -115,6 +115,9 @@ class PPO(Recipe):
         require(rows % (p.mini_batches * train.micro_batch_size) == 0, "ppo.mini_batches", p.mini_batches,
                 f"each rank's {rows} responses per iteration must split into mini-batches of whole micro-batches "
                 f"of train.micro_batch_size={train.micro_batch_size}")
+        if p.prompts != "sharegpt":  # a user's file: its bad records are known before anything is built
+            _, metadata, _ = _record(str(cfg.init_from), "init_from")
+            load_prompts(p, saved_tokenizer(metadata, None, "init_from"))
         if is_checkpoint(str(p.reward)):
             _, _, reward = _record(str(p.reward), "ppo.reward")
             require(reward["args"].get("arch") == "thann_value", "ppo.reward", p.reward,
