@@ -10,6 +10,10 @@
 # cores shared with other work (load ~25): 5.5 for Slurm, 11.2 for the tests.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+case "$PWD/" in
+    /tmp/*) echo "launch/multinode/ci_check.sh: the repository is under /tmp, which each node replaces" \
+                 "with its own: clone it elsewhere" >&2; exit 2 ;;
+esac
 
 if ! command -v slurmctld >/dev/null; then
     apt-get update -qq
