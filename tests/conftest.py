@@ -8,13 +8,13 @@ import torch
 from omegaconf import OmegaConf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MODEL = os.path.join(ROOT, "configs", "model", "thann_tiny.yaml")
 
 
 def slow_case(*values, **kwargs):
     """A parametrized case left to the slow run (pytest -m slow): the default suite keeps a case or
     two of each kind, the others repeat the same comparison on more inputs or layouts."""
     return pytest.param(*values, marks=pytest.mark.slow, **kwargs)
-TINY_MODEL = os.path.join(ROOT, "configs", "model", "thann_tiny.yaml")
 
 
 def data_cfg(**fields):

@@ -68,11 +68,11 @@ def encoder(single_rank, pairs_with_negatives, tmp_path_factory):
 
 
 def test_grad_cache_over_2_ranks_and_2_micro_batches_equals_one_pass(encoder, pairs_with_negatives):
+    from megatron.core.utils import unwrap_model
+
     from support.full_state import gather_full
     from thann.data.order import SampleOrder
     from thann.data.pairs import pair_batches
-    from megatron.core.utils import unwrap_model
-
     from thann.inference.embedding import encode
 
     base, cfg, recipe, model, tensors = encoder

@@ -93,7 +93,7 @@ class PPO(Recipe):
     def check(cfg: DictConfig, dp: int) -> None:
         p, train = cfg.ppo, cfg.train
         require(cfg.init_from is not None, "init_from", None, "PPO fine-tunes a trained model: name its checkpoint")
-        _, _, actor = _record(str(cfg.init_from), "init_from")
+        _, metadata, actor = _record(str(cfg.init_from), "init_from")
         require(actor["args"].get("arch", "thann") == "thann", "init_from", cfg.init_from,
                 f"holds a {actor['args'].get('arch')} model; the actor is a THANN language model")
         require(p.advantage in ADVANTAGES, "ppo.advantage", p.advantage, f"must be one of {list(ADVANTAGES)}")
@@ -116,7 +116,6 @@ class PPO(Recipe):
                 f"each rank's {rows} responses per iteration must split into mini-batches of whole micro-batches "
                 f"of train.micro_batch_size={train.micro_batch_size}")
         if p.prompts != "sharegpt":  # a user's file: its bad records are known before anything is built
-            _, metadata, _ = _record(str(cfg.init_from), "init_from")
             load_prompts(p, saved_tokenizer(metadata, None, "init_from"))
         if is_checkpoint(str(p.reward)):
             _, _, reward = _record(str(p.reward), "ppo.reward")
