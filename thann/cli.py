@@ -220,6 +220,14 @@ CONTRASTIVE = EntryPoint(
     ("init_from", "train.seq_length", *_TRAINING_KEYS, "contrastive.pooling", "contrastive.temperature",
      "contrastive.hard_negatives"),
     (".venv/bin/python pretrain_contrastive.py init_from=checkpoints/thann_tiny",))
+IMAGE_TEXT = EntryPoint(
+    "thann.recipes.image_text:ImageText", "image_text", "pretrain_image_text.py (thann-image-text)",
+    "Trains a ViT beside THANN's text encoder, CLIP-style: symmetric InfoNCE over the whole global batch "
+    "(GradCache over both towers), several captions per image.",
+    ("init_from", "data.source", "data.resize", "image_model.image_size", "image_model.patch_size",
+     "contrastive.projection_dim", "contrastive.temperature", *_TRAINING_KEYS),
+    (".venv/bin/python pretrain_image_text.py init_from=checkpoints/thann_tiny",
+     ".venv/bin/torchrun --nproc-per-node 2 pretrain_image_text.py parallel.tp=2 parallel.sp=true"))
 CLASSIFY = EntryPoint(
     "thann.recipes.classify:Classify", "classify", "train_classifier.py (thann-classify)",
     "Trains ChaosNet (or its matched MLP) on MNIST, Fashion-MNIST or 20 Newsgroups.",
@@ -346,6 +354,10 @@ def pretrain() -> None:
 
 def contrastive() -> None:
     run_recipe(CONTRASTIVE)
+
+
+def image_text() -> None:
+    run_recipe(IMAGE_TEXT)
 
 
 def classify() -> None:

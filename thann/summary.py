@@ -8,9 +8,9 @@ the registry's count from the shape.
     training_flops_per_token=2.924e+09 seq_length=128
 
 Active parameters are those a token passes through: all but a THANN's unrouted experts, all of a
-dense model. A ChaosNet classifier has no tokens to count them by, and its front-ends and heads
-follow the datasets it classifies: it is counted with the default classify.datasets of
-configs/classify.yaml.
+dense model. A classifier (ChaosNet, NHS-Net) has no tokens to count them by, and its front-ends
+and heads follow the datasets it classifies: it is counted with the default classify.datasets of
+configs/classify.yaml. An image encoder's FLOPs are per image (its patches are its tokens).
 """
 
 import os
@@ -50,7 +50,7 @@ def summary(cfg) -> list[str]:
 
     args, lines = cfg.model, []
     spec = registry.spec_of(args)
-    if not spec.reads_tokens:
+    if spec.classifies:
         from thann.data.classification import heads
 
         datasets = load_config("classify", []).classify.datasets
@@ -80,6 +80,9 @@ def summary(cfg) -> list[str]:
                      f"seq_length={cfg.train.seq_length}")
     else:
         lines.append(f"total_params={size.total}")
+        if not spec.classifies:  # an image encoder: its tokens are an image's patches
+            patches = (args.image_size // args.patch_size) ** 2
+            lines.append(f"training_flops_per_image={size.flops_per_token(patches) * patches:.4g} patches={patches}")
     return lines
 
 

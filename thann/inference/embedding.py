@@ -1,5 +1,5 @@
-"""Embeddings of texts with an encoder (thann.models.thann.encoder), in any parallel layout, and
-their optional centering or whitening."""
+"""Embeddings of texts with an encoder (thann.models.thann.encoder) and of images with an image
+encoder (thann.models.vit), in any parallel layout, and their optional centering or whitening."""
 
 import numpy as np
 import torch
@@ -24,14 +24,32 @@ def embed_texts(model_chunks: list, texts: list[list[int]], micro_batch_size: in
     """Embeddings [N, dim] of token lists (each ending in ``eod``), on every rank. Every
     data-parallel replica that calls this embeds all of ``texts``; the pipeline passes fixed
     shapes, so the last micro-batch is padded with copies of its last text."""
+    return _embed_all(model_chunks, texts, lambda chunk: pad_texts(chunk, seq_length, eod),
+                      lambda batch, model: encode(batch, model, project), micro_batch_size, seq_length, dim)
+
+
+def encode_images(batch: dict, model, project: bool = True) -> torch.Tensor:
+    """One micro-batch of images (``images`` [B, 3, H, W] floats) through an image encoder."""
+    return model(batch["images"].to(state.device()), project=project)
+
+
+@torch.no_grad()
+def embed_images(model_chunks: list, images: torch.Tensor, micro_batch_size: int, dim: int,
+                 project: bool = True) -> torch.Tensor:
+    """Embeddings [N, dim] of images [N, 3, H, W] (thann.data.images.to_tensor), on every rank."""
+    return _embed_all(model_chunks, list(images), lambda chunk: {"images": torch.stack(chunk)},
+                      lambda batch, model: encode_images(batch, model, project), micro_batch_size, 1, dim)
+
+
+def _embed_all(model_chunks: list, items: list, collate, forward, micro_batch_size: int, seq_length: int,
+               dim: int) -> torch.Tensor:
     outputs = []
-    for start in range(0, len(texts), micro_batch_size):
-        chunk = texts[start:start + micro_batch_size]
-        padded = chunk + chunk[-1:] * (micro_batch_size - len(chunk))
-        batch = pad_texts(padded, seq_length, eod)
+    for start in range(0, len(items), micro_batch_size):
+        chunk = items[start:start + micro_batch_size]
+        batch = collate(chunk + chunk[-1:] * (micro_batch_size - len(chunk)))
 
         def step(data_iterator, model):
-            return encode(next(data_iterator), model, project), lambda out, non_loss_data=False: out
+            return forward(next(data_iterator), model), lambda out, non_loss_data=False: out
 
         collected = get_forward_backward_func()(
             forward_step_func=step, data_iterator=iter([batch]), model=model_chunks, num_microbatches=1,

@@ -5,6 +5,7 @@ tools and benchmarks.
     gpt             THANN's layers with a dense SwiGLU MLP and no learnt tokenization: the baseline
     thann_encoder   THANN's decoder with a pooled-embedding head (contrastive training, embeddings)
     thann_value     THANN's decoder with a scalar per position (a PPO critic, a reward model)
+    vit             an image encoder: megatron-core's ViT with THANN's layers, pooled (thann.models.vit)
     nnn             the cascade of matmul-free nodes (thann.models.nnn)
     chaosnet        chaotic spiking neurons with neuron death, a classifier (thann.models.chaosnet)
     mlp_baseline    ChaosNet's front-ends and heads around a parameter-matched ReLU layer
@@ -44,6 +45,7 @@ class ModelSpec:
     shape_defaults: tuple[tuple[str, object], ...] = ()  # what an absent shape field means (older configs)
     reads_tokens: bool = True  # token ids in (a tokenizer; the vocabulary padded for tensor parallelism)
     initialised_by: tuple[str, ...] = ()  # other archs whose weights this one starts from (init_from)
+    classifies: bool = False  # a classifier: its heads follow the datasets it classifies (args.heads)
 
 
 REGISTRY: dict[str, ModelSpec] = {}
@@ -194,6 +196,35 @@ def _nnn() -> ModelSpec:
                      ("hidden_size", "num_nodes", "intermediate_size", "cross_node_attention", "cross_attention_heads"))
 
 
+def _vit() -> ModelSpec:
+    def check(args, parallel_cfg, recompute: str) -> None:
+        from thann.models.vit import checks
+
+        checks.check_model(args)
+        checks.check_layout(args, parallel_cfg)
+        require(recompute == "none", "train.recompute", recompute, "the image encoder has no activation recompute")
+
+    def transformer_config(args, parallel_cfg, *, bf16: bool, recompute: str = "none"):
+        from thann.models.thann.model import transformer_config
+
+        return transformer_config(args, parallel_cfg, bf16=bf16)
+
+    def build(config, args, vocab_size, max_sequence_length, pre_process, post_process):
+        from thann.models.vit.model import ViTEncoder
+
+        return ViTEncoder(config, args)
+
+    def count(args, vocab_size) -> Size:
+        from thann.models.vit.size import vit_size
+
+        return vit_size(args)
+
+    return ModelSpec("vit", check, transformer_config, build, count,
+                     ("image_size", "patch_size", "hidden_size", "num_layers", "num_attention_heads",
+                      "num_query_groups", "ffn_hidden_size", "normalization", "projection_dim", "learnt_temperature"),
+                     reads_tokens=False)
+
+
 def _classifier(arch: str, package: str, config_function: str, shape_fields: tuple) -> ModelSpec:
     """A classifier whose ``package`` (imported when first used) offers check_model_config,
     check_layout, ``config_function``, build_classifier and classifier_size."""
@@ -212,7 +243,7 @@ def _classifier(arch: str, package: str, config_function: str, shape_fields: tup
     def count(args, vocab_size) -> Size:
         return importlib.import_module(package).classifier_size(args)
 
-    return ModelSpec(arch, check, transformer_config, build, count, shape_fields, reads_tokens=False)
+    return ModelSpec(arch, check, transformer_config, build, count, shape_fields, reads_tokens=False, classifies=True)
 
 
 _CHAOSNET_SHAPE = ("neurons", "input_width", "text.vocab_size", "image.channels", "image.size", "image.conv_channels",
@@ -223,7 +254,7 @@ _NHSNET_SHAPE = ("image.channels", "image.size", "stem_width", "widths", "blocks
 
 
 for _spec in (_thann("thann"), _thann("gpt"), _thann("thann_encoder", "encoder"), _thann("thann_value", "value"),
-              _nnn(),
+              _nnn(), _vit(),
               _classifier("chaosnet", "thann.models.chaosnet", "chaosnet_transformer_config", _CHAOSNET_SHAPE),
               _classifier("mlp_baseline", "thann.models.chaosnet", "chaosnet_transformer_config",
                           _CHAOSNET_SHAPE + ("hidden_width",)),

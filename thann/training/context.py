@@ -4,7 +4,7 @@ A recipe's ``step(ctx, batches)`` runs a whole iteration with it: forward and ba
 its slots, optimizer steps, weight changes outside backprop. What it offers, and nothing more:
 
     ctx.forward_backward(slot, forward_step, batches, ...)   megatron-core's pipeline schedule
-    ctx.grad_cache(slot, embed, loss, batches, ...)           a loss coupling every micro-batch
+    ctx.grad_cache({slot: embed}, loss, batches, ...)         a loss coupling every micro-batch (of one or more slots)
     ctx.forward(slot, forward_step, batches, ...)             outputs without gradients (a frozen slot)
     ctx.optimizer_step(slot, loss)                            the update, then the slot's after-step hooks
     ctx.weights_changed(slot, params)                         a write outside backprop reaches the optimizer
@@ -130,68 +130,80 @@ class StepContext:
                               micro_batch_size=micro_batch_size or self._train.micro_batch_size,
                               forward_only=True, collect_non_loss_data=True)
 
-    def grad_cache(self, slot: str, embed: Callable, loss: Callable, batches: Iterator, *,
+    def grad_cache(self, embed: dict[str, Callable], loss: Callable, batches: Iterator, *,
                    num_microbatches: int | None = None, seq_length: int | None = None,
                    micro_batch_size: int | None = None, forward_only: bool = False) -> dict[str, float]:
         """Gradients of a loss that couples every micro-batch of the global batch (contrastive
-        negatives), in the memory of one micro-batch (GradCache, arXiv 2101.06983):
+        negatives), in the memory of one micro-batch (GradCache, arXiv 2101.06983), for one slot
+        or several (two towers of one loss: images and texts):
 
-        1. embed each micro-batch without gradients, keeping the RNG state it started from;
-        2. on the last pipeline stage, ``loss(embeddings) -> (loss, report)`` computes the loss of
-           the whole global batch from this rank's micro-batches' embeddings (each a leaf that
-           requires grad; the recipe gathers the other ranks'), and its gradient with respect to
-           them is taken;
-        3. embed each micro-batch again, from the same RNG state (the same dropout masks), with
-           gradients, and backpropagate those embedding gradients through it.
+        1. embed each micro-batch without gradients, in each slot of ``embed``, keeping the RNG
+           state each embedding started from;
+        2. on the last pipeline stage, ``loss({slot: embeddings}) -> (loss, report)`` computes the
+           loss of the whole global batch from this rank's micro-batches' embeddings (each a leaf
+           that requires grad; the recipe gathers the other ranks'), and its gradient with
+           respect to them is taken;
+        3. embed each micro-batch again in each slot, from the same RNG state (the same dropout
+           masks), with gradients, and backpropagate those embedding gradients through it.
 
-        ``embed(batch, model)`` returns a micro-batch's embeddings. Returns the reported means."""
-        target = self.slots[slot]
+        ``embed`` maps a slot to ``embed(batch, model)``, a micro-batch's embeddings. At most one
+        of the slots may be an MoE model (megatron-core's auxiliary-loss tracker is one per
+        process). Returns the reported means."""
+        targets = [self.slots[name] for name in embed]
+        moe = [t for t in targets if t.config.num_moe_experts]
+        if len(moe) > 1:
+            raise ValueError(f"grad_cache: slots {[t.name for t in moe]} are all MoE models; at most one may be")
         nmb = num_microbatches or self.num_microbatches
         held = [next(batches) for _ in range(nmb)]
-        starts = []
-
-        def embed_step(data_iterator, model):
-            starts.append(_rng_snapshot())
-            return embed(next(data_iterator), model), lambda output, non_loss_data=False: output
-
-        schedule = dict(model=target.chunks, num_microbatches=nmb,
-                        seq_length=seq_length or self._train.get("seq_length"),
+        schedule = dict(num_microbatches=nmb, seq_length=seq_length or self._train.get("seq_length"),
                         micro_batch_size=micro_batch_size or self._train.micro_batch_size)
-        with torch.no_grad():
-            embeddings = self._schedule(forward_step_func=embed_step, data_iterator=iter(held), forward_only=True,
-                                        collect_non_loss_data=True, **schedule)
-        last_stage = parallel_state.is_pipeline_last_stage()
-        reports, gradients = [], []
+        starts, embeddings = {}, {}
+        for name, target in zip(embed, targets):
+            starts[name] = []
+
+            def embed_step(data_iterator, model, name=name):
+                starts[name].append(_rng_snapshot())
+                return embed[name](next(data_iterator), model), lambda output, non_loss_data=False: output
+
+            with torch.no_grad():
+                embeddings[name] = self._schedule(forward_step_func=embed_step, data_iterator=iter(held),
+                                                  model=target.chunks, forward_only=True, collect_non_loss_data=True,
+                                                  **schedule)
         if not forward_only:
             # Before the loss's backward: the loss may read parameters of its own (a learnt
             # temperature), whose gradients it alone gives.
-            self._zero_grad(target)
-        if last_stage:
-            local = [e.detach().float().requires_grad_(not forward_only) for e in embeddings]
+            for target in targets:
+                self._zero_grad(target)
+        reports, gradients = [], {}
+        if parallel_state.is_pipeline_last_stage():
+            local = {name: [e.detach().float().requires_grad_(not forward_only) for e in embeddings[name]]
+                     for name in embed}
             value, report = loss(local)
             reports = [report]
             if not forward_only:
                 value.backward()
                 # megatron-core divides each micro-batch's loss by their number and DDP averages ranks.
                 factor = nmb * self.layout.dp
-                gradients = [e.grad * factor for e in local]
+                gradients = {name: [e.grad * factor for e in local[name]] for name in embed}
         if forward_only:
-            return self._means(reports, target, nmb, forward_only)
+            return self._means(reports, moe[0] if moe else None, nmb, forward_only)
         after = _rng_snapshot()
-        replay, pending = iter(starts), iter(gradients)
+        for name, target in zip(embed, targets):
+            replay, pending = iter(starts[name]), iter(gradients.get(name, ()))
 
-        def replay_step(data_iterator, model):
-            _restore(next(replay))
-            output = embed(next(data_iterator), model)
+            def replay_step(data_iterator, model, name=name, replay=replay, pending=pending):
+                _restore(next(replay))
+                output = embed[name](next(data_iterator), model)
 
-            def backpropagate(output):
-                return (output.float() * next(pending)).sum(), torch.ones((), dtype=torch.int), {}
+                def backpropagate(output):
+                    return (output.float() * next(pending)).sum(), torch.ones((), dtype=torch.int), {}
 
-            return output, backpropagate
+                return output, backpropagate
 
-        self._schedule(forward_step_func=replay_step, data_iterator=iter(held), forward_only=False, **schedule)
+            self._schedule(forward_step_func=replay_step, data_iterator=iter(held), model=target.chunks,
+                           forward_only=False, **schedule)
         _restore(after)
-        return self._means(reports, target, nmb, forward_only)
+        return self._means(reports, moe[0] if moe else None, nmb, forward_only)
 
     def _mean_scale(self, counts: list, nmb: int) -> torch.Tensor:
         """``nmb · dp / N``, N the global batch's count (see the module's docstring)."""
@@ -206,9 +218,10 @@ class StepContext:
             chunk.zero_grad_buffer()
         target.optimizer.zero_grad()
 
-    def _means(self, reports: list[dict], target: Slot, nmb: int, forward_only: bool) -> dict[str, float]:
+    def _means(self, reports: list[dict], target: Slot | None, nmb: int, forward_only: bool) -> dict[str, float]:
         """Sums [sum, count] reports over micro-batches and ranks. Reports exist on the last
-        pipeline stage, identical on its tensor-parallel ranks: one of those counts."""
+        pipeline stage, identical on its tensor-parallel ranks: one of those counts. ``target``:
+        the slot whose MoE auxiliary loss to report (None: none)."""
         keys = sorted({k for report in reports for k in report})
         names = [None] * dist.get_world_size()
         dist.all_gather_object(names, keys)  # ranks without reports (other stages) learn the keys
@@ -220,7 +233,7 @@ class StepContext:
                 totals += torch.stack([report[k].double() if k in report else totals.new_zeros(2) for k in keys])
         dist.all_reduce(totals)
         means = {k: (totals[i, 0] / totals[i, 1]).item() for i, k in enumerate(keys)}
-        if not forward_only and target.config.num_moe_experts:
+        if not forward_only and target is not None and target.config.num_moe_experts:
             means["aux_loss"] = _take_aux_loss(target.config.moe_aux_loss_coeff, nmb)
         return means
 

@@ -32,8 +32,10 @@ class ThannLayer(TransformerLayer):
     """megatron-core's TransformerLayer, its weights drawn from a stream of the global layer
     number, so every pipeline layout builds the same layer 5 (thann.models.common.init)."""
 
+    stream = "decoder_layer"  # another stack of layers (an image encoder's) names its own
+
     def __init__(self, config, submodules, layer_number: int = 1, *args, vp_stage=None, **kwargs):
-        with init_stream("decoder_layer", layer_number + get_transformer_layer_offset(config, vp_stage)):
+        with init_stream(self.stream, layer_number + get_transformer_layer_offset(config, vp_stage)):
             super().__init__(config, submodules, layer_number, *args, vp_stage=vp_stage, **kwargs)
 
 
@@ -45,10 +47,10 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def self_attention_spec() -> ModuleSpec:
+def self_attention_spec(mask: AttnMaskType = AttnMaskType.causal) -> ModuleSpec:
     return ModuleSpec(
         module=SelfAttention,
-        params={"attn_mask_type": AttnMaskType.causal},
+        params={"attn_mask_type": mask},
         submodules=SelfAttentionSubmodules(
             linear_qkv=ColumnParallelLinear,
             core_attention=SDPAttention,
@@ -74,17 +76,18 @@ def thann_block_spec(config, use_te: bool = False, vp_stage=None) -> Transformer
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=Norm)
 
 
-def thann_layer_spec(moe: bool = True) -> ModuleSpec:
+def thann_layer_spec(moe: bool = True, layer: type = ThannLayer, mask: AttnMaskType = AttnMaskType.causal) -> ModuleSpec:
+    """THANN's layer; ``layer`` and ``mask`` for another stack (an image encoder: bidirectional)."""
     if moe:
         mlp = ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=GroupedExperts))
     else:
         mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                              linear_fc2=RowParallelLinear))
     return ModuleSpec(
-        module=ThannLayer,
+        module=layer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=Norm,
-            self_attention=self_attention_spec(),
+            self_attention=self_attention_spec(mask),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=Norm,
             mlp=mlp,

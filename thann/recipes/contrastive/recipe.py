@@ -175,8 +175,8 @@ class Contrastive(Recipe):
 
     def _means(self, ctx, batches, forward_only: bool, num_microbatches: int | None = None) -> dict[str, float]:
         chunks = ctx.slots["model"].chunks
-        return ctx.grad_cache("model", lambda batch, model: encode(batch, model),
-                              lambda embeddings: self.info_nce(embeddings, chunks), batches,
+        return ctx.grad_cache({"model": lambda batch, model: encode(batch, model)},
+                              lambda embeddings: self.info_nce(embeddings["model"], chunks), batches,
                               num_microbatches=num_microbatches, micro_batch_size=self.texts_per_micro_batch,
                               forward_only=forward_only)
 
