@@ -10,15 +10,19 @@ head, at most 100 as CLIP's). Memory stays that of one micro-batch in both tower
 the two slots: StepContext.grad_cache).
 
 Data (thann.data.images): the emoji package's images and names, or a user's caption file, its
-groups split into training and held-out ones. Evaluation at every interval: the held-out loss, and
-recall@1/5/10 from each held-out image to every held-out caption and back.
+groups split into training and held-out ones. Evaluation at every interval: the held-out loss,
+recall@1/5/10 from each held-out image to every held-out caption and back, and (zero_shot.py)
+zero-shot Fashion-MNIST accuracy beside a linear probe on the frozen image states, and zero-shot
+emoji-category accuracy of the held-out emoji.
 """
 
 import math
 import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.utils import unwrap_model
 from omegaconf import DictConfig, OmegaConf
@@ -31,7 +35,9 @@ from thann.data.pairs import Sampler, pad_texts
 from thann.inference.embedding import embed_images, embed_texts, encode, encode_images
 from thann.models import registry
 from thann.parallel import state
+from thann.recipes.contrastive.transfer import probe_accuracy
 from thann.recipes.image_text.loss import recall_at, symmetric_info_nce
+from thann.recipes.image_text.zero_shot import EXCLUDED_CATEGORIES, FashionMNIST, captions
 from thann.training.recipe import Recipe
 from thann.training.slots import SlotSpec
 
@@ -74,6 +80,12 @@ class ImageText(Recipe):
         require(isinstance(cfg.train.seq_length, int) and cfg.train.seq_length > 1, "train.seq_length",
                 cfg.train.seq_length, "must be an integer > 1")
         require(0 < cfg.data.heldout < 1, "data.heldout", cfg.data.heldout, "must be between 0 and 1")
+        z = cfg.zero_shot
+        for key in ("train", "test"):
+            require(isinstance(z[key], int) and z[key] >= 10, f"zero_shot.{key}", z[key], "must be an integer >= 10")
+        for key in ("fashion_templates", "category_templates"):
+            require(len(z[key]) > 0 and all("{}" in t for t in z[key]), f"zero_shot.{key}", list(z[key]),
+                    "must be a non-empty list of captions with {} where the class name goes")
         check_tokenizer(cfg.data)
         size = cfg.image_model.image_size
         if cfg.data.source == "emoji":
@@ -103,7 +115,10 @@ class ImageText(Recipe):
         self.train_set, self.heldout = load_data(cfg).split(cfg.data.heldout, train.seed)
         self.train_pairs, self.heldout_pairs = self.train_set.pairs(), self.heldout.pairs()
         self.train_captions, self.heldout_captions = (
-            [[self._tokens(t) for t in captions] for captions in d.captions] for d in (self.train_set, self.heldout))
+            [[self._tokens(t) for t in texts] for texts in d.captions] for d in (self.train_set, self.heldout))
+        z = cfg.zero_shot
+        self.fashion = FashionMNIST.subset(z.train, z.test, cfg.image_model.image_size)
+        self.categories = sorted(set(self.train_set.categories + self.heldout.categories) - {"", *EXCLUDED_CATEGORIES})
 
     def _tokens(self, caption: str) -> list[int]:
         return self.tokenizer.encode(caption)[: self.cfg.train.seq_length - 1] + [self.tokenizer.eod]
@@ -182,6 +197,35 @@ class ImageText(Recipe):
         scores = images @ texts.T
         metrics = {**{f"i2t_{k}": v for k, v in recall_at(scores, positive).items()},
                    **{f"t2i_{k}": v for k, v in recall_at(scores.T, positive.T).items()}}
+        metrics.update(self._zero_shot(image_chunks, text_chunks, images))
         if self.contrastive.learnable_temperature:
             metrics["temperature"] = 1.0 / self._scale(image_chunks).item()
         return {"loss": means["contrastive_loss"], **means, **metrics}
+
+    def _class_embeddings(self, text_chunks: list, names: list[str], templates) -> torch.Tensor:
+        """Each class's caption embeddings (one per template), averaged and normalised."""
+        train, dim = self.cfg.train, self.contrastive.projection_dim
+        texts = embed_texts(text_chunks, [self._tokens(c) for c in captions(names, list(templates))],
+                            train.micro_batch_size, train.seq_length, self.tokenizer.eod, dim)
+        return F.normalize(texts.view(len(names), len(templates), dim).mean(dim=1), dim=1)
+
+    def _zero_shot(self, image_chunks: list, text_chunks: list, heldout_images: torch.Tensor) -> dict[str, float]:
+        z, f, M = self.cfg.zero_shot, self.fashion, self.cfg.train.micro_batch_size
+        test = embed_images(image_chunks, to_tensor(f.test_pixels), M, self.contrastive.projection_dim)
+        classes = self._class_embeddings(text_chunks, f.class_names, z.fashion_templates)
+        fashion = float(np.mean((test @ classes.T).argmax(dim=1).cpu().numpy() == f.test_labels))
+        hidden = self.cfg.image_model.hidden_size
+        probe = probe_accuracy(
+            embed_images(image_chunks, to_tensor(f.train_pixels), M, hidden, project=False).cpu().numpy(),
+            f.train_labels,
+            embed_images(image_chunks, to_tensor(f.test_pixels), M, hidden, project=False).cpu().numpy(),
+            f.test_labels)
+        metrics = {"fashion_zero_shot_accuracy": fashion, "fashion_probe_accuracy": probe}
+        names = {c: i for i, c in enumerate(self.categories)}
+        labels = np.array([names.get(self.heldout.categories[g], -1) for g in self.heldout.groups])
+        if (labels >= 0).any():
+            keep = torch.as_tensor(labels >= 0, device=heldout_images.device)
+            categories = self._class_embeddings(text_chunks, [c.lower() for c in self.categories], z.category_templates)
+            predicted = (heldout_images[keep] @ categories.T).argmax(dim=1).cpu().numpy()
+            metrics["category_zero_shot_accuracy"] = float(np.mean(predicted == labels[labels >= 0]))
+        return metrics
