@@ -73,8 +73,10 @@ def towers(single_rank, captions, tmp_path_factory):
                              max_sequence_length=cfg.train.seq_length, bf16=False)
     models = {"image": image, "text": text}
     tensors = {name: model_sharded_tensors([m]) for name, m in models.items()}
-    for name in models:
-        torch.save(gather_full(tensors[name]), base / f"{name}.pt")
+    for name, model in models.items():
+        full = gather_full(tensors[name])
+        assert sum(t.numel() for t in full.values()) == sum(p.numel() for p in model.parameters()), name
+        torch.save(full, base / f"{name}.pt")
     return base, cfg, recipe, models, tensors
 
 

@@ -6,52 +6,63 @@ Every rank ends up holding every full tensor: meant for small models and tools, 
 checkpointing large ones.
 """
 
+import dataclasses
 import os
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, is_main_replica
 from megatron.core.utils import unwrap_model
 
 
-def model_sharded_tensors(model_chunks) -> list[ShardedTensor]:
+def model_sharded_tensors(model_chunks) -> list[ShardedTensor | ShardedTensorFactory]:
+    """Every tensor of the model's sharded state dict; a factory stands for a parameter stored as
+    several pieces (a SwiGLU weight: its two halves, each sharded on its own)."""
     tensors = []
     for chunk in model_chunks:
         state = unwrap_model(chunk).sharded_state_dict()
-        tensors.extend(t for t in nested_values(state) if isinstance(t, ShardedTensor))
+        tensors.extend(t for t in nested_values(state) if isinstance(t, (ShardedTensor, ShardedTensorFactory)))
     return tensors
 
 
-def gather_full(tensors: list[ShardedTensor], value: Callable = lambda sh: sh.data,
+def _pieces(t: ShardedTensor | ShardedTensorFactory, value: Callable) -> list[tuple[ShardedTensor, torch.Tensor]]:
+    """(slice description, its values): a factory's pieces are built from the value (views of it)."""
+    if isinstance(t, ShardedTensorFactory):
+        return [(piece, piece.data) for piece in nested_values(dataclasses.replace(t, data=value(t)).build())]
+    return [(t, value(t))]
+
+
+def gather_full(tensors: list[ShardedTensor | ShardedTensorFactory], value: Callable = lambda sh: sh.data,
                 dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """{key: global tensor} assembled from the main replica of every slice, on every rank.
     ``value`` picks what to gather for a ShardedTensor (its data, or e.g. its gradient)."""
-    local_shapes = {t.key: tuple(t.global_shape) for t in tensors}
+    pieces = [piece for t in tensors for piece in _pieces(t, value)]
+    local_shapes = {t.key: tuple(t.global_shape) for t, _ in pieces}
     all_shapes = [None] * dist.get_world_size()
     dist.all_gather_object(all_shapes, local_shapes)
     shapes = {k: v for shapes in all_shapes for k, v in shapes.items()}
-    device = tensors[0].data.device if tensors else torch.device("cpu")
+    device = pieces[0][1].device if pieces else torch.device("cpu")
     full = {key: torch.zeros(shapes[key], dtype=dtype, device=device) for key in sorted(shapes)}
-    for t in tensors:
+    for t, data in pieces:
         if is_main_replica(t.replica_id):
-            full[t.key][t.global_slice()] = value(t).to(dtype)
+            full[t.key][t.global_slice()] = data.to(dtype)
     for key in sorted(full):  # same order on every rank
         dist.all_reduce(full[key])
     return full
 
 
 @torch.no_grad()
-def load_full(tensors: list[ShardedTensor], full: dict[str, torch.Tensor]) -> None:
+def load_full(tensors: list[ShardedTensor | ShardedTensorFactory], full: dict[str, torch.Tensor]) -> None:
     """Copies each rank's slices out of the global tensors into the model."""
-    for t in tensors:
+    for t, data in (piece for t in tensors for piece in _pieces(t, lambda t: t.data)):
         if t.key not in full:
             raise KeyError(f"no tensor {t.key!r} in the full state")
         if tuple(full[t.key].shape) != tuple(t.global_shape):
             raise ValueError(f"{t.key}: full state has shape {tuple(full[t.key].shape)}, "
                              f"this layout expects {tuple(t.global_shape)}")
-        t.data.copy_(full[t.key][t.global_slice()])
+        data.copy_(full[t.key][t.global_slice()])
 
 
 def start_from_shared_weights(model_chunks, optimizer, path: str) -> list[ShardedTensor]:
