@@ -3,6 +3,7 @@ into any sharding; every file flushed before a checkpoint is published and befor
 moves; asynchronous saves that survive a SIGKILL mid-write, resume bit for bit, report a failed
 background write and wait for it when stopped."""
 
+import hashlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 import torch
+import xxhash
 import zarr
 
 from conftest import ROOT, read_metrics, run_patched, tiny_run_overrides
@@ -59,10 +61,10 @@ def test_chunks_are_plain_zarr_read_into_any_sharding_and_verified(single_rank, 
         assert torch.equal(value, full), key
     assert np.array_equal(zarr.open(str(root), mode="r")["weight"][:], weight.numpy())
     assert zarr.open(str(root), mode="r").attrs["step"] == 3
-    # Every file but the manifest is listed, with the sha256 of its bytes on the disk.
+    # Every file but the manifest is listed, with the xxh3-128 digest of its bytes on the disk.
     files = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(manifest) == files
-    assert all(durable.sha256(str(root / p)) == d for p, d in manifest.items())
+    assert all("xxh3_128:" + xxhash.xxh3_128((root / p).read_bytes()).hexdigest() == d for p, d in manifest.items())
 
     # Loaded into other shardings: whole, by column halves (every chunk cut in two), by four rows.
     layouts = {"whole": _rows("weight", torch.zeros(8, 6), 1), "columns": _rows("weight", torch.zeros(8, 6), 2, axis=1),
@@ -84,7 +86,8 @@ def test_chunks_are_plain_zarr_read_into_any_sharding_and_verified(single_rank, 
     with pytest.raises(zarr_store.CorruptCheckpoint, match=r"checksum mismatch in array 'weight', chunk 3\.0"):
         zarr_store.load({"weight": _rows("weight", torch.zeros(8, 6), 2, axis=1)}, str(root))
 
-    # A checkpoint whose arrays tensorstore wrote (sharded chunks, before chunks were plain) still loads.
+    # A checkpoint whose arrays tensorstore wrote (sharded chunks, before chunks were plain), with the
+    # sha256 digests of its time, still loads; a changed byte in it is still found.
     old = tmp_path / "old"
     ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(old / "weight")}, "metadata": {
         "shape": [8, 6], "data_type": "float32",
@@ -94,9 +97,14 @@ def test_chunks_are_plain_zarr_read_into_any_sharding_and_verified(single_rank, 
         weight.numpy()).result()
     plain.dump({}, str(old / "common.json"), "common")
     listed = ["common.json", "weight/c/0/0", "weight/c/1/0"]
-    (old / "manifest.json").write_text(json.dumps({"files": {p: durable.sha256(str(old / p)) for p in listed}}))
+    (old / "manifest.json").write_text(json.dumps({"files": {
+        p: hashlib.sha256((old / p).read_bytes()).hexdigest() for p in listed}}))
     loaded = zarr_store.load({"weight": _rows("weight", torch.zeros(8, 6), 2, axis=1)}, str(old))
     assert torch.equal(torch.cat(loaded["weight"], dim=1), weight)
+    zarr_store.verify(str(old))
+    (old / "common.json").write_text((old / "common.json").read_text() + " ")
+    with pytest.raises(zarr_store.CorruptCheckpoint, match="common.json"):
+        zarr_store.verify(str(old))
 
     # checkpoint.fsync=false: not one flush.
     def refuse(*args):
@@ -160,7 +168,7 @@ def _published_in_order(events: list, run_dir, name: str) -> None:
 
 
 def _chunk_digests(checkpoint) -> dict:
-    """The sha256 of every array chunk (weights and Adam moments): equal digests, equal state."""
+    """The digest of every array chunk (weights and Adam moments): equal digests, equal state."""
     manifest = json.loads((checkpoint / "manifest.json").read_text())["files"]
     return {path: digest for path, digest in manifest.items() if "/c/" in path}
 

@@ -26,8 +26,8 @@ from thann.checkpoint.zarr_store import (
     CorruptCheckpoint,
     PickledCheckpoint,
     _array_spec,
-    _sha256,
     _to_torch,
+    file_digest,
     read_manifest,
     verify,
 )
@@ -139,7 +139,7 @@ def upgrade(path: str) -> None:
         converted = relative[:-3] + ".json"
         plain.dump(value, os.path.join(path, converted), relative)
         manifest.pop(relative, None)
-        manifest[converted] = _sha256(os.path.join(path, converted))
+        manifest[converted] = file_digest(os.path.join(path, converted))
     with open(os.path.join(path, "manifest.json.tmp"), "w") as f:
         json.dump({"files": dict(sorted(manifest.items()))}, f, indent=0)
     os.replace(os.path.join(path, "manifest.json.tmp"), os.path.join(path, "manifest.json"))

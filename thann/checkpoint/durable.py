@@ -9,19 +9,51 @@ renamed into place; the parent directory is flushed after each rename (the check
 
 ``sync=False`` (``checkpoint.fsync=false``) skips every flush: for a tmpfs, or a file system
 whose durability does not matter. The renames stay atomic for a process crash either way.
+
+Every file's bytes are digested as they are written and as they are read. A digest names its
+algorithm: ``xxh3_128:<hex>`` (xxHash's XXH3, 128 bits: a checksum against torn and corrupted
+files at ~7 GB/s per core, where sha256 runs at ~1.3 and cost a 2-core machine about 3 s of CPU
+per 3.7 GB saved); a bare hex string is sha256, what checkpoints recorded before 2026-12-07,
+still read and verified.
 """
 
 import hashlib
 import os
 
+import xxhash
+
 # Written and hashed in pieces, so the bytes are still in the CPU's cache when they are hashed.
 _PIECE = 4 * 2**20
 
 
+_XXH3 = "xxh3_128:"
+
+
+class Digest:
+    """The digest of bytes fed in pieces, in the algorithm of ``recorded`` (a digest as a
+    manifest holds it), or in that of new checkpoints."""
+
+    def __init__(self, recorded: str | None = None):
+        self.sha256 = recorded is not None and not recorded.startswith(_XXH3)
+        self._hash = hashlib.sha256() if self.sha256 else xxhash.xxh3_128()
+
+    def update(self, data) -> None:
+        self._hash.update(data)
+
+    def value(self) -> str:
+        return self._hash.hexdigest() if self.sha256 else _XXH3 + self._hash.hexdigest()
+
+
+def digest_of(data, recorded: str | None = None) -> str:
+    digest = Digest(recorded)
+    digest.update(data)
+    return digest.value()
+
+
 def write(path: str, data: memoryview, sync: bool) -> str:
-    """Writes ``data`` (bytes) as a new file, flushed when ``sync``; returns the sha256 of the
+    """Writes ``data`` (bytes) as a new file, flushed when ``sync``; returns the digest of the
     bytes written."""
-    digest = hashlib.sha256()
+    digest = Digest()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         for start in range(0, len(data), _PIECE):
@@ -33,13 +65,14 @@ def write(path: str, data: memoryview, sync: bool) -> str:
             os.fdatasync(fd)
     finally:
         os.close(fd)
-    return digest.hexdigest()
+    return digest.value()
 
 
-def read_into(path: str, out: memoryview) -> str:
+def read_into(path: str, out: memoryview, recorded: str | None = None) -> str:
     """Fills ``out`` (writable bytes) from the file, which must be exactly as long; returns the
-    sha256 of the bytes read, or raises EOFError when the file's length differs."""
-    digest = hashlib.sha256()
+    digest of the bytes read (in ``recorded``'s algorithm), or raises EOFError when the file's
+    length differs."""
+    digest = Digest(recorded)
     with open(path, "rb", buffering=0) as f:
         if os.fstat(f.fileno()).st_size != len(out):
             raise EOFError(path)
@@ -52,12 +85,16 @@ def read_into(path: str, out: memoryview) -> str:
                     raise EOFError(path)
                 filled += n
             digest.update(piece)
-    return digest.hexdigest()
+    return digest.value()
 
 
-def sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+def file_digest(path: str, recorded: str | None = None) -> str:
+    """The digest of a file's bytes, in ``recorded``'s algorithm (None: that of new checkpoints)."""
+    digest = Digest(recorded)
+    with open(path, "rb", buffering=0) as f:
+        while piece := f.read(_PIECE):
+            digest.update(piece)
+    return digest.value()
 
 
 def flush_file(path: str, sync: bool) -> None:

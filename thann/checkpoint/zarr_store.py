@@ -11,7 +11,7 @@ Layout of one checkpoint directory:
     objects/<key>/<offset>.json  ShardedObjects, one file per shard
     common.json                everything that is not sharded (rank 0's copy)
     <extra files>.json         plain data of each rank (e.g. its RNG streams), named by the caller
-    manifest.json              sha256 of every other file
+    manifest.json              the digest of every other file (xxh3-128; sha256 before 2026-12-07)
 
 Nothing is pickled: arrays are zarr, everything else is JSON (thann.checkpoint.plain), so loading
 a checkpoint from anywhere never runs code. Checkpoints of THANN before this format kept
@@ -33,7 +33,6 @@ manifest written). ``save`` runs the three in a row.
 
 import copy
 import errno
-import hashlib
 import json
 import os
 import threading
@@ -184,8 +183,8 @@ def _chunk_files(root: str, t: ShardedTensor, chunk: list[int]) -> list[str]:
     return [_chunk_path(t.key, k) for k, _ in _chunks_of(*_region(t), chunk)]
 
 
-def _sha256(path: str) -> str:
-    return durable.sha256(path)
+def file_digest(path: str, recorded: str | None = None) -> str:
+    return durable.file_digest(path, recorded)
 
 
 def _object_path(obj: ShardedObject) -> str:
@@ -283,7 +282,7 @@ class Abandoned(RuntimeError):
 
 def _write_shards(snapshot: Snapshot, abandon: threading.Event | None = None) -> dict[str, str]:
     """Writes this rank's part of the snapshot (no collective: on any thread) and flushes it
-    (files, then the directories holding them); returns the sha256 of every file written.
+    (files, then the directories holding them); returns the digest of every file written.
     Stops, raising Abandoned, soon after ``abandon`` is set."""
     root = snapshot.root
 
@@ -302,7 +301,7 @@ def _write_shards(snapshot: Snapshot, abandon: threading.Event | None = None) ->
         os.makedirs(os.path.dirname(full), exist_ok=True)
         plain.dump(value, full, where)
         durable.flush_file(full, snapshot.sync)
-        digests[path] = _sha256(full)
+        digests[path] = file_digest(full)
     durable.flush_dirs([d for path in digests for d in durable.parents(root, path)], snapshot.sync)
     return digests
 
@@ -361,7 +360,7 @@ def _read_verified(root: str, path: str, manifest: dict[str, str]) -> bytes:
             data = f.read()
     except FileNotFoundError:
         raise CorruptCheckpoint(f"{root}: missing file {path}") from None
-    if hashlib.sha256(data).hexdigest() != manifest[path]:
+    if durable.digest_of(data, manifest[path]) != manifest[path]:
         raise _mismatch(root, path)
     return data
 
@@ -376,7 +375,7 @@ def read_plain(root: str, path: str, manifest: dict[str, str] | None = None):
 
 
 def verify(root: str, paths: list[str] | None = None, manifest: dict[str, str] | None = None) -> None:
-    """Checks the sha256 of the given files (all of the manifest by default) against the
+    """Checks the digests of the given files (all of the manifest by default) against the
     checkpoint's manifest (or ``manifest``, already read); names the first that fails."""
     manifest = read_manifest(root) if manifest is None else manifest
     paths = sorted(manifest) if paths is None else paths
@@ -385,7 +384,7 @@ def verify(root: str, paths: list[str] | None = None, manifest: dict[str, str] |
         full = os.path.join(root, path)
         if not os.path.exists(full):
             return f"{root}: missing file {path}"
-        return "" if _sha256(full) == manifest[path] else str(_mismatch(root, path))
+        return "" if file_digest(full, manifest[path]) == manifest[path] else str(_mismatch(root, path))
 
     with ThreadPoolExecutor(IO_THREADS) as pool:
         failed = next((e for e in pool.map(check, paths) if e), "")
@@ -438,7 +437,7 @@ class _Reader:
         if path not in self.manifest:
             raise CorruptCheckpoint(f"{self.root}: {path} is not in the manifest")
         try:
-            digest = durable.read_into(os.path.join(self.root, path), _bytes(buffer))
+            digest = durable.read_into(os.path.join(self.root, path), _bytes(buffer), self.manifest[path])
         except FileNotFoundError:
             raise CorruptCheckpoint(f"{self.root}: missing file {path}") from None
         except EOFError:  # a truncated or extended chunk
