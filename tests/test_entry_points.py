@@ -12,7 +12,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from conftest import ROOT
 from thann.cli import _verbatim
 
-TRAINING = ["pretrain_thann.py", "pretrain_contrastive.py", "train_classifier.py"]
+TRAINING = ["pretrain_thann.py", "pretrain_contrastive.py", "train_classifier.py", "finetune_captioning.py"]
 
 
 @pytest.mark.parametrize("script", TRAINING)

@@ -1,7 +1,9 @@
 """Image-text training: GradCache over both towers, 2 data-parallel ranks and 2 micro-batches gives
 the gradients of one pass over the whole batch (several captions per image, dropout replayed);
-tp2·sp computes the same loss and gradients; the emoji reader gives the package's pixels,
-captions and a split by emoji; a bad caption file or image is one line with exit code 2."""
+tp2·sp computes the same loss and gradients; the emoji and Fashion-MNIST readers give the
+packages' pixels, captions and a split by emoji (by class); a bad caption file or image is one
+line with exit code 2; thann-embed gives each tower's embeddings; a captioner trains on the
+image encoder and thann-generate reads an image."""
 
 import json
 import os
@@ -156,6 +158,116 @@ def test_tp2_sp_computes_the_single_pass_loss_and_gradients(towers, captions):
     _assert_gradients_equal(got, expected, 1e-4)
 
 
+@pytest.fixture(scope="module")
+def image_text_run(captions, tmp_path_factory):
+    """A two-step run of the test's tiny towers: its checkpoint holds both slots."""
+    run_dir = tmp_path_factory.mktemp("image_text_run") / "run"
+    run = subprocess.run([sys.executable, "pretrain_image_text.py", *_overrides(captions, run_dir, [
+        "train.steps=2", "train.eval_interval=2", "zero_shot.train=20", "zero_shot.test=20"])],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run_dir
+
+
+def _embed(*args):
+    return subprocess.run([sys.executable, "-m", "thann.inference.embed", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_thann_embed_gives_each_tower_of_an_image_text_checkpoint(image_text_run, single_rank, tmp_path):
+    """A directory of images goes through the image slot, texts through the text slot (the
+    primary is the image encoder), each equal to that tower's forward in the test, one input at
+    a time; an image of another size is refused in one line, with nothing written."""
+    from PIL import Image
+
+    from thann.checkpoint.weights import saved_slots, slot_prefix
+    from thann.data.tokenizer import build_tokenizer
+    from thann.inference.load import build_from_checkpoint, saved
+
+    rng = np.random.default_rng(1)
+    pixels = {name: rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for name in ("b.png", "a.png", "c.png")}
+    (tmp_path / "images").mkdir()
+    for name, image in pixels.items():
+        Image.fromarray(image, "RGB").save(tmp_path / "images" / name)
+    texts = ["thing 4", "the object number 3"]
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"id": f"q{i}", "text": t}) + "\n"
+                                                  for i, t in enumerate(texts)))
+    for name, source in (("images", tmp_path / "images"), ("texts", tmp_path / "texts.jsonl")):
+        run = _embed(f"load={image_text_run}", f"input={source}", f"output={tmp_path / name}", "batch_size=2")
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((tmp_path / "images.ids.json").read_text()) == ["a.png", "b.png", "c.png"]
+    assert json.loads((tmp_path / "texts.ids.json").read_text()) == ["q0", "q1"]
+
+    path, metadata = saved(str(image_text_run), "load")
+    slots = saved_slots(metadata)
+    image, text = (build_from_checkpoint(path, slots[name], single_rank, "fp32", slot_prefix(metadata, name))[0]
+                   for name in ("image", "text"))
+    tokenizer = build_tokenizer("tiktoken", "cl100k_base")
+    got = np.load(tmp_path / "images.npy")
+    with torch.no_grad():
+        for row, name in enumerate(sorted(pixels)):
+            x = torch.from_numpy(pixels[name]).permute(2, 0, 1)[None].float() / 127.5 - 1
+            np.testing.assert_allclose(got[row], image(x)[0].numpy(), rtol=1e-5, atol=1e-6)
+        got = np.load(tmp_path / "texts.npy")
+        for row, t in enumerate(texts):
+            ids = torch.tensor([tokenizer.encode(t) + [tokenizer.eod]])
+            expected = text(ids, torch.arange(ids.size(1))[None], torch.tensor([ids.size(1)]))[0]
+            np.testing.assert_allclose(got[row], expected.numpy(), rtol=1e-5, atol=1e-6)
+
+    (tmp_path / "odd").mkdir()
+    Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8), "RGB").save(tmp_path / "odd" / "big.png")
+    run = _embed(f"load={image_text_run}", f"input={tmp_path / 'odd'}", f"output={tmp_path / 'odd_out'}")
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr[-2000:]
+    assert "big.png: 20x20 pixels, the image encoder reads 16x16 (resize=true resizes)" in run.stderr
+    assert not list(tmp_path.glob("odd_out*"))
+
+
+@pytest.mark.slow
+def test_the_grid_benchmark_recomputes_the_runs_held_out_recall(image_text_run, tmp_path):
+    from conftest import read_metrics
+
+    run = subprocess.run([sys.executable, "benchmarks/image_text_grid.py", str(image_text_run), "--images", "2",
+                          "--out", str(tmp_path / "grid.png")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    last = [r for r in read_metrics(image_text_run) if r["split"] == "valid"][-1]
+    row = run.stdout.splitlines()[2].split("|")
+    assert [float(v) for v in row[2:5]] == pytest.approx([last[f"i2t_recall@{k}"] for k in (1, 5, 10)], abs=1e-3)
+    assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_a_captioner_trains_on_the_image_encoder_and_thann_generate_reads_an_image(image_text_run, captions,
+                                                                                   tmp_path):
+    """finetune_captioning.py from the image-text run's frozen encoder (a decoder from scratch):
+    its evaluation captions the held-out images beside the nearest-neighbour baseline;
+    thann-generate reads an image before the prompt, refuses a prompt without one, and a
+    language model refuses one."""
+    from conftest import read_metrics
+
+    decoder = [o for o in MODEL if o.startswith(("model.", "train."))]
+    run_dir = tmp_path / "captioner"
+    run = subprocess.run([sys.executable, "finetune_captioning.py", *decoder, f"data.source={captions}",
+                          f"image_from={image_text_run}", "init_from=null", "train.steps=2", "train.eval_interval=2",
+                          "captioning.max_new_tokens=3", f"checkpoint.dir={run_dir}", "logging.wandb.enabled=false",
+                          "logging.progress=false"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    valid = [r for r in read_metrics(run_dir) if r["split"] == "valid"]
+    assert [r["step"] for r in valid] == [0, 2]
+    for name in ("caption_exact", "caption_f1", "nearest_exact", "nearest_f1"):
+        assert 0.0 <= valid[-1][name] <= 1.0
+    image = os.path.join(os.path.dirname(captions), "0.png")
+    cases = {"image": ([f"image={image}"], 0, None),
+             "missing": ([], 2, "reads an image before its prompt: give image=path"),
+             "unreadable": ([f"image={captions}"], 2, "not a readable image")}
+    for name, (extra, code, message) in cases.items():
+        run = subprocess.run([sys.executable, "generate_thann.py", f"load={run_dir}", "prompt=Emoji:",
+                              "max_new_tokens=3", *extra], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert run.returncode == code, (name, run.stderr[-2000:])
+        if message:
+            assert message in run.stderr and run.stderr.count("\n") == 1, (name, run.stderr[-2000:])
+        else:
+            assert run.stdout.startswith("Emoji:") and "tokens]" in run.stdout
+
+
 def test_emoji_reader_gives_the_package_pixels_captions_and_a_split_by_emoji():
     from PIL import Image
 
@@ -188,6 +300,30 @@ def test_emoji_reader_gives_the_package_pixels_captions_and_a_split_by_emoji():
     train_names = {c for captions in train.captions for c in captions}
     assert not train_names & {c for captions in heldout.captions for c in captions}
     assert len(heldout.captions) == round(0.1 * len(data.captions))
+
+
+def test_fashion_mnist_reader_gives_the_package_pixels_class_captions_and_holds_out_whole_classes():
+    """At the images' own size (28) the resize is the identity: the pixels are the IDX file's,
+    read here with gzip and numpy, repeated over red, green and blue."""
+    import gzip
+
+    from thann.data.classification import _FASHION_FILES, _fashion_dir
+    from thann.data.images import fashion_mnist
+
+    images, labels = (os.path.join(_fashion_dir(), name) for name in _FASHION_FILES["train"])
+    with gzip.open(images) as f:
+        expected = np.frombuffer(f.read()[16:], dtype=np.uint8).reshape(-1, 28, 28)
+    with gzip.open(labels) as f:
+        expected_labels = np.frombuffer(f.read()[8:], dtype=np.uint8)
+    data = fashion_mnist(28, ["a photo of a {}", "a {}"])
+    assert data.pixels.shape == (60000, 28, 28, 3)
+    for i in (0, 1, 59999):
+        assert (data.pixels[i] == expected[i][..., None]).all()
+    assert (data.groups == expected_labels).all()
+    assert data.captions[0] == ["a photo of a t-shirt or top", "a t-shirt or top"]
+    assert data.captions[9] == ["a photo of a ankle boot", "a ankle boot"]
+    train, heldout = data.split(0.1, seed=1234)
+    assert len(heldout.captions) == 1 and len(heldout.pixels) == 6000 and len(train.captions) == 9
 
 
 def test_bad_caption_files_and_images_are_one_line_with_exit_2(captions, tmp_path):

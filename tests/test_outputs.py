@@ -162,7 +162,7 @@ def test_embed_takes_spaces_as_a_text_and_a_missing_directory_as_its_output(tiny
 
     texts = tmp_path / "texts.jsonl"
     texts.write_text(json.dumps({"id": "a", "text": "   "}) + "\n" + json.dumps({"id": "b", "text": "Hi"}) + "\n")
-    assert embed._inputs(str(texts)) == (["a", "b"], ["   ", "Hi"])
+    assert embed._inputs(str(texts)) == ("text", ["a", "b"], ["   ", "Hi"])
     monkeypatch.setattr(embed, "_build", _start_work)
     with pytest.raises(WorkStarted):  # every check passed
         embed.main([f"load={tiny_checkpoint}", f"input={texts}", f"output={tmp_path / 'new' / 'emb'}"])

@@ -131,13 +131,19 @@ def _vit(m) -> tuple[int, int]:
     norm = 2 * h  # LayerNorm: a gain and a bias
     layer = norm + _attention(m) + norm + 3 * h * m.ffn_hidden_size  # SwiGLU: gate, up, down
     # patch convolution (no bias), position embeddings, the norms before and after the layers, projection
-    total = 3 * m.patch_size ** 2 * h + patches * h + norm + m.num_layers * layer + norm + m.projection_dim * h
+    total = 3 * m.patch_size ** 2 * h + patches * h + norm + m.num_layers * layer + norm + (m.projection_dim or 0) * h
     return total, None
+
+
+def _vit_classifier(m) -> tuple[int, None]:
+    """The encoder without a projection, and a linear head per dataset on its pooled states."""
+    datasets = OmegaConf.load(os.path.join(CONFIG_DIR, "classify.yaml")).classify.datasets
+    return _vit(m)[0] + sum((m.hidden_size + 1) * CLASSES[d][1] for d in datasets), None
 
 
 # The ResNet is matched to the NHS-Net of the same fields (size.matched_inner_widths: within 0.2%).
 COUNTS = {"thann": _thann, "gpt": _gpt, "nnn": _nnn, "chaosnet": _chaosnet, "mlp_baseline": _mlp_baseline,
-          "nhsnet": _nhsnet, "resnet": _nhsnet, "vit": _vit}
+          "nhsnet": _nhsnet, "resnet": _nhsnet, "vit": _vit, "vit_classifier": _vit_classifier}
 TOLERANCE = {"resnet": 2e-3}
 
 

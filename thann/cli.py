@@ -228,6 +228,14 @@ IMAGE_TEXT = EntryPoint(
      "contrastive.projection_dim", "contrastive.temperature", *_TRAINING_KEYS),
     (".venv/bin/python pretrain_image_text.py init_from=checkpoints/thann_tiny",
      ".venv/bin/torchrun --nproc-per-node 2 pretrain_image_text.py parallel.tp=2 parallel.sp=true"))
+CAPTIONING = EntryPoint(
+    "thann.recipes.captioning:Captioning", "captioning", "finetune_captioning.py (thann-caption)",
+    "Trains THANN to caption images, LLaVA-style: a frozen image encoder's patch states, projected, before the "
+    "text; the projector and the decoder learn (the projector alone with captioning.train_decoder=false).",
+    ("init_from", "image_from", "captioning.prompt", "captioning.train_decoder", *_TRAINING_KEYS),
+    (".venv/bin/python finetune_captioning.py",
+     ".venv/bin/python finetune_captioning.py captioning.train_decoder=false "
+     "checkpoint.dir=checkpoints/captioner_projector"))
 CLASSIFY = EntryPoint(
     "thann.recipes.classify:Classify", "classify", "train_classifier.py (thann-classify)",
     "Trains ChaosNet (or its matched MLP) on MNIST, Fashion-MNIST or 20 Newsgroups.",
@@ -358,6 +366,10 @@ def contrastive() -> None:
 
 def image_text() -> None:
     run_recipe(IMAGE_TEXT)
+
+
+def captioning() -> None:
+    run_recipe(CAPTIONING)
 
 
 def classify() -> None:

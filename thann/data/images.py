@@ -6,6 +6,8 @@
                                            short names, its skin-tone variants more images
     caption_file(path, size, resize)       a user's JSON lines {"image": path, "caption": text or
                                            [texts]}; lines naming the same image add captions
+    fashion_mnist(size, templates, limit)  Fashion-MNIST's training images, a group per class, its
+                                           captions the class name through templates
 
 A group's images and captions are all positives of each other: an image may have several
 captions and a caption several images. Images are read with Pillow, transparency composited on
@@ -73,12 +75,19 @@ def read_image(path: str, size: int, resize: bool, where: str | None = None) -> 
             raise ImageDataError(f"{where}: {rgb.size[0]}x{rgb.size[1]} pixels, the image encoder reads "
                                  f"{size}x{size} (data.resize=true resizes)")
         rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(rgb, dtype=np.uint8)
+    return np.array(rgb, dtype=np.uint8)  # writable: torch warns on read-only memory
 
 
-def to_tensor(pixels: np.ndarray) -> torch.Tensor:
+def to_tensor(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Bytes [N, H, W, 3] -> floats [N, 3, H, W] in [-1, 1]."""
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return torch.as_tensor(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def grey_to_rgb(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """Grey bytes [N, 1, h, w] (MNIST, Fashion-MNIST) -> RGB bytes [N, size, size, 3]: resized
+    bicubic, the grey repeated over red, green and blue."""
+    resized = torch.nn.functional.interpolate(pixels.float(), size=(size, size), mode="bicubic", align_corners=False)
+    return resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).expand(-1, -1, -1, 3).contiguous()
 
 
 def _caption(text: str) -> str:
@@ -119,6 +128,25 @@ def emoji(size: int = EMOJI_SIZE, resize: bool = False) -> Captioned:
             pixels.append(read_image(os.path.join(root, "img", "google", str(EMOJI_SIZE), image), size, resize))
             groups.append(group)
     return Captioned(np.stack(pixels), np.array(groups, dtype=np.int64), captions, categories)
+
+
+def fashion_names(class_names: list[str]) -> list[str]:
+    """Fashion-MNIST's class names as caption words ("T-shirt/top" -> "t-shirt or top")."""
+    return [name.lower().replace("/", " or ") for name in class_names]
+
+
+def fashion_mnist(size: int, templates: list[str], limit: int | None = None) -> Captioned:
+    """Fashion-MNIST's training images (the first ``limit``; None: all 60,000) at ``size``
+    (grey_to_rgb), a group per class whose captions are its name through each template ("a photo
+    of a {}"): every image of a class is a positive of every caption of it, and a held-out split
+    holds out whole classes."""
+    from thann.data.classification import load
+
+    data = load("fashion_mnist", "train")
+    inputs, labels = data.inputs[:limit], data.labels[:limit]
+    pixels = np.concatenate([grey_to_rgb(inputs[i:i + 4096], size).numpy() for i in range(0, len(inputs), 4096)])
+    captions = [[template.format(name) for template in templates] for name in fashion_names(data.class_names)]
+    return Captioned(pixels, labels.numpy().astype(np.int64), captions, [""] * len(captions))
 
 
 def caption_file(path: str, size: int, resize: bool) -> Captioned:

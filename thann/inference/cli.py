@@ -1,5 +1,6 @@
 """``thann-generate`` / ``generate_thann.py``: generate with a trained checkpoint in any layout
 (configs/generate.yaml). Prompts come from ``prompt=`` or a JSON-lines ``prompts_file=``;
+an image-conditioned checkpoint (finetune_captioning.py) reads ``image=`` before each of them;
 results go to ``output=`` as JSON lines, or to the terminal (a single prompt streams its tokens
 as they are produced). Everything that can be wrong with the input or the output (thann.outputs)
 is checked before the model is built, and reported in one line with exit code 2; nothing is
@@ -10,6 +11,7 @@ import logging
 import os
 import sys
 
+import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
@@ -74,12 +76,38 @@ def _saved(cfg: DictConfig) -> tuple[str, dict, dict]:
     path, metadata = saved(str(cfg.load), "load")
     record = slot_record(metadata)
     check_layout(record, cfg.parallel)
+    reads_images = record["args"].get("arch") == "thann_vlm"
+    require(reads_images == (cfg.image is not None), "image", cfg.image,
+            f"{cfg.load} reads an image before its prompt: give image=path" if reads_images
+            else f"{cfg.load} does not read images (an image-conditioned one comes from finetune_captioning.py)")
     return path, metadata, record
+
+
+def _image_encoder(cfg: DictConfig, metadata: dict):
+    """(checkpoint path, slot record, arrays prefix) of the image encoder an image-conditioned
+    checkpoint read, and the image as floats [1, 3, H, W]. The encoder was frozen in that run, so
+    its weights are where the run took them from (the slot's ``init``)."""
+    from thann.checkpoint.weights import checkpoint_path, saved_run, saved_slots, slot_prefix
+    from thann.data.images import ImageDataError, read_image, to_tensor
+
+    record = saved_slots(metadata)["image"]
+    require(record["init"] is not None and os.path.isdir(str(record["init"])), "load", cfg.load,
+            f"its image encoder was read from {record['init']}, which is not there any more")
+    path = checkpoint_path(str(record["init"]), "load")
+    source = saved_run(path, "load")
+    check_layout(record, cfg.parallel)
+    size = record["args"]["image_size"]
+    try:
+        pixels = read_image(str(cfg.image), size, cfg.resize)
+    except ImageDataError as e:
+        raise ConfigError("image", cfg.image, str(e).replace("data.resize=true", "resize=true")) from None
+    return path, record, slot_prefix(source, "image"), to_tensor(pixels[None])
 
 
 def _prepare(cfg: DictConfig):
     """Every check that needs no model: the checkpoint, its tokenizer, the prompts, sampling, the output."""
     path, metadata, record = _saved(cfg)
+    image = None if cfg.image is None else _image_encoder(cfg, metadata)
     tokenizer = saved_tokenizer(metadata, cfg.tokenizer, "tokenizer")
     params = _sampling(cfg)
     require(isinstance(cfg.batch_size, int) and cfg.batch_size > 0, "batch_size", cfg.batch_size,
@@ -98,18 +126,27 @@ def _prepare(cfg: DictConfig):
                 f"is {len(prompts[-1])} tokens; max_sequence_length={budget} leaves no room for a new token")
     if cfg.output is not None:
         check_output(str(cfg.output), force=cfg.force, inputs={"prompts_file": cfg.prompts_file, "load": cfg.load})
-    return path, record, tokenizer, params, texts, prompts, budget
+    return path, record, image, tokenizer, params, texts, prompts, budget
 
 
-def _build(cfg: DictConfig, record: dict, path: str, dp: int):
+def _build(cfg: DictConfig, record: dict, path: str, image, dp: int):
+    """(this rank's model chunks, the image's patch states [1, P, H] or None, the layout)."""
+    from megatron.core.utils import unwrap_model
+
     from thann.parallel import state
 
     layout = state.initialize(cfg.parallel, dp, cfg.seed)
     if os.path.isfile(path):  # an NNN packed export: ternary weights, one rank
         from thann.models.nnn.pack import load_packed
 
-        return [load_packed(path).to(state.device())], layout
-    return build_from_checkpoint(path, record, cfg.parallel, cfg.precision), layout
+        return [load_packed(path).to(state.device())], None, layout
+    states = None
+    if image is not None:
+        image_path, image_record, prefix, pixels = image
+        (encoder,) = build_from_checkpoint(image_path, image_record, cfg.parallel, cfg.precision, prefix)
+        with torch.no_grad():
+            states = unwrap_model(encoder).patch_states(pixels.to(state.device()))
+    return build_from_checkpoint(path, record, cfg.parallel, cfg.precision), states, layout
 
 
 def _record(index: int, text: str, result: Generation) -> dict:
@@ -121,10 +158,11 @@ HELP = dict(
     program="generate_thann.py (thann-generate)", config_name="generate",
     summary="Generates with a trained checkpoint (the newest of a run directory, or one iter_* directory) in any "
             "layout, with a KV cache; the model's shape, tokenizer and sequence length come from the checkpoint.",
-    keys=("load", "prompt", "prompts_file", "output", "force", "chat", "max_new_tokens", "temperature", "top_k",
-          "top_p", "seed", "batch_size", "parallel.tp", "parallel.pp", "parallel.ep"),
+    keys=("load", "prompt", "prompts_file", "image", "output", "force", "chat", "max_new_tokens", "temperature",
+          "top_k", "top_p", "seed", "batch_size", "parallel.tp", "parallel.pp", "parallel.ep"),
     examples=('.venv/bin/python generate_thann.py load=checkpoints/thann_tiny prompt="What is the capital of France?"',
-              ".venv/bin/python generate_thann.py prompts_file=prompts.jsonl output=out.jsonl temperature=0.8"))
+              ".venv/bin/python generate_thann.py prompts_file=prompts.jsonl output=out.jsonl temperature=0.8",
+              '.venv/bin/python generate_thann.py load=checkpoints/thann_tiny_captioning image=a.png prompt="Emoji:"'))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,10 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     def prepare():
         cfg = load_config("generate", argv)
         dp = check_parallel(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")))
-        path, record, tokenizer, params, texts, prompts, budget = _prepare(cfg)
-        return cfg, dp, tokenizer, params, texts, prompts, budget, *_build(cfg, record, path, dp)
+        path, record, image, tokenizer, params, texts, prompts, budget = _prepare(cfg)
+        return cfg, dp, tokenizer, params, texts, prompts, budget, *_build(cfg, record, path, image, dp)
 
-    cfg, dp, tokenizer, params, texts, prompts, budget, chunks, layout = exit_on_bad_input(prepare)
+    cfg, dp, tokenizer, params, texts, prompts, budget, chunks, image_states, layout = exit_on_bad_input(prepare)
     from megatron.core import parallel_state
 
     from thann.parallel import state
@@ -164,7 +202,9 @@ def main(argv: list[str] | None = None) -> None:
         kept = first < len(prompts)
         start = first if kept else firsts[0] % len(prompts)
         batch = prompts[start:start + cfg.batch_size]
-        results = generator.generate(batch, params, first_index=start, on_token=print_new_text if stream else None)
+        results = generator.generate(batch, params, first_index=start, on_token=print_new_text if stream else None,
+                                     image_states=None if image_states is None else
+                                     image_states.expand(len(batch), -1, -1))
         if kept:
             records += [_record(first + i, texts[first + i], r) for i, r in enumerate(results)]
     gathered = [None] * dp

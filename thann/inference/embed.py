@@ -1,6 +1,8 @@
-"""``thann-embed``: embeddings of a text file with any THANN checkpoint, in any layout
+"""``thann-embed``: embeddings of texts or images with any THANN checkpoint, in any layout
 (configs/embed.yaml): a contrastive one as trained, a language model's as the mean of its final
-hidden states. Input: a text file (one text per line) or JSON lines (``{"id": ..., "text": ...}``);
+hidden states, an image-text one by its image encoder (images) or its text encoder (texts).
+Input: a text file (one text per line), JSON lines (``{"id": ..., "text": ...}`` or ``{"id": ...,
+"image": path}``, paths relative to the file) or a directory of images (ids: their file names);
 output: ``OUTPUT.npy`` (float32 [N, P], L2-normalised rows, in input order) and
 ``OUTPUT.ids.json``; centred or whitened on request, with the statistics used in
 ``OUTPUT.stats.npz`` (apply them to other texts with ``statistics=``). Input and output problems
@@ -19,15 +21,26 @@ from omegaconf import DictConfig
 
 from thann.cli import exit_if_help, exit_on_bad_input, load_config
 from thann.config import ConfigError, check_parallel, require
+from thann.checkpoint.weights import primary_slot, saved_slots, slot_prefix
+from thann.data.images import ImageDataError, read_image, to_tensor
 from thann.data.pairs import fit_text
-from thann.inference.embedding import POSTPROCESSING, apply_statistics, embed_texts, output_statistics
-from thann.inference.load import build_from_checkpoint, check_layout, saved, saved_tokenizer, slot_record
+from thann.inference.embedding import (POSTPROCESSING, apply_statistics, embed_images, embed_texts,
+                                       output_statistics)
+from thann.inference.load import build_from_checkpoint, check_layout, saved, saved_tokenizer, slot_args
+from thann.models import registry
 from thann.outputs import atomic_write, check_output
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp")
 
-def _inputs(path: str) -> tuple[list[str], list[str]]:
-    require(path is not None and os.path.isfile(path), "input", path, "no such file")
-    ids, texts = [], []
+
+def _inputs(path: str) -> tuple[str, list[str], list[str]]:
+    """("text", ids, texts) or ("image", ids, image paths) of ``input=``."""
+    require(path is not None and os.path.exists(path), "input", path, "no such file or directory")
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_SUFFIXES))
+        require(bool(names), "input", path, f"holds no image file ({', '.join(IMAGE_SUFFIXES)})")
+        return "image", names, [os.path.join(path, n) for n in names]
+    ids, items, kinds = [], [], set()
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -37,21 +50,49 @@ def _inputs(path: str) -> tuple[list[str], list[str]]:
                     record = json.loads(line)
                 except ValueError:
                     raise ConfigError("input", f"{path}:{number}", "not a JSON object") from None
-                require(isinstance(record, dict) and isinstance(record.get("text"), str) and record["text"] != "",
-                        "input", f"{path}:{number}", 'expected {"id": ..., "text": "..."} with a non-empty text')
+                kind = next((k for k in ("text", "image") if isinstance(record, dict) and k in record), None)
+                require(kind is not None and isinstance(record[kind], str) and record[kind] != "", "input",
+                        f"{path}:{number}", 'expected {"id": ..., "text": "..."} or {"id": ..., "image": path}')
+                kinds.add(kind)
+                require(len(kinds) == 1, "input", f"{path}:{number}", "mixes texts and images: embed them apart")
                 ids.append(str(record.get("id", number)))
-                texts.append(record["text"])
+                items.append(record[kind] if kind == "text" else
+                             os.path.join(os.path.dirname(os.path.abspath(path)), record[kind]))
             else:
+                kinds.add("text")
                 ids.append(str(number))
-                texts.append(line.rstrip("\n"))
-    require(bool(texts), "input", path, "holds no text")
-    return ids, texts
+                items.append(line.rstrip("\n"))
+    require(bool(items), "input", path, "holds no text")
+    return kinds.pop(), ids, items
+
+
+def _slot(metadata: dict, kind: str, requested: str | None, load: str) -> str:
+    """The checkpoint's slot that embeds ``kind``: ``requested``, else its one image encoder
+    (images) or its primary slot, or else its one text model (texts)."""
+    slots = saved_slots(metadata)
+    embeds_images = {name: registry.spec_of(slot_args(record)).embeds_images for name, record in slots.items()}
+    if requested is not None:
+        require(requested in slots, "slot", requested, f"{load} holds the slots {sorted(slots)}")
+        require(embeds_images[requested] == (kind == "image"), "slot", requested,
+                f"embeds {'images' if embeds_images[requested] else 'texts'}, and the input holds {kind}s")
+        return requested
+    fitting = [name for name in slots if embeds_images[name] == (kind == "image")]
+    require(bool(fitting), "input", kind + "s", f"{load} holds no {kind} encoder (its slots: {sorted(slots)})")
+    return primary_slot(metadata) if primary_slot(metadata) in fitting else fitting[0]
 
 
 def _outputs(cfg: DictConfig) -> tuple[str, ...]:
     """OUTPUT.npy, OUTPUT.ids.json and, when computed here, OUTPUT.stats.npz."""
     return (f"{cfg.output}.npy", f"{cfg.output}.ids.json") + ((f"{cfg.output}.stats.npz",)
                                                              if cfg.postprocess != "none" else ())
+
+
+def _images(source: str, paths: list[str], size: int, resize: bool) -> torch.Tensor:
+    """Floats [N, 3, size, size] of the image files (ConfigError naming a bad one)."""
+    try:
+        return to_tensor(np.stack([read_image(p, size, resize) for p in paths]))
+    except ImageDataError as e:
+        raise ConfigError("input", source, f"{e}".replace("data.resize=true", "resize=true")) from None
 
 
 def _statistics(cfg: DictConfig, dim: int, texts: int) -> dict | None:
@@ -87,22 +128,25 @@ def encoder_record(record: dict, load: str) -> tuple[dict, str | None]:
                                       "hidden states over each text's tokens")
 
 
-def _build(cfg: DictConfig, record: dict, path: str, dp: int):
+def _build(cfg: DictConfig, record: dict, path: str, prefix: str, dp: int):
     from thann.parallel import state
 
     layout = state.initialize(cfg.parallel, dp, 0)
-    return build_from_checkpoint(path, record, cfg.parallel, cfg.precision), layout
+    return build_from_checkpoint(path, record, cfg.parallel, cfg.precision, prefix), layout
 
 
 HELP = dict(
     program="thann-embed", config_name="embed",
-    summary="Embeds texts (one per line, or JSON lines {\"id\": ..., \"text\": ...}) with a THANN checkpoint "
-            "(contrastive, or a language model's mean-pooled states); writes OUTPUT.npy (float32, L2-normalised "
-            "rows) and OUTPUT.ids.json, and OUTPUT.stats.npz when centring or whitening.",
-    keys=("load", "input", "output", "force", "batch_size", "postprocess", "statistics", "parallel.tp", "parallel.pp"),
+    summary="Embeds texts (one per line, or JSON lines {\"id\": ..., \"text\": ...}) or images (a directory, "
+            "or JSON lines {\"id\": ..., \"image\": path}) with a THANN checkpoint (contrastive, image-text, or a "
+            "language model's mean-pooled states); writes OUTPUT.npy (float32, L2-normalised rows) and "
+            "OUTPUT.ids.json, and OUTPUT.stats.npz when centring or whitening.",
+    keys=("load", "input", "output", "force", "batch_size", "slot", "resize", "postprocess", "statistics",
+          "parallel.tp", "parallel.pp"),
     examples=("thann-embed load=checkpoints/thann_tiny_contrastive input=texts.txt output=embeddings",
               "thann-embed load=checkpoints/thann_tiny input=corpus.txt output=corpus postprocess=whiten",
-              "thann-embed load=checkpoints/thann_tiny input=queries.txt output=queries statistics=corpus.stats.npz"))
+              "thann-embed load=checkpoints/thann_tiny input=queries.txt output=queries statistics=corpus.stats.npz",
+              "thann-embed load=checkpoints/vit_tiny_thann_tiny_image_text input=my_images/ output=images resize=true"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,37 +159,50 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config("embed", argv)
         dp = check_parallel(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")))
         path, metadata = saved(str(cfg.load), "load")
-        tokenizer = saved_tokenizer(metadata, None, "load")
-        ids, texts = _inputs(cfg.input)
+        kind, ids, items = _inputs(cfg.input)
         require(isinstance(cfg.batch_size, int) and cfg.batch_size > 0, "batch_size", cfg.batch_size,
                 "must be a positive integer")
         require(cfg.output is not None, "output", None, "give the path prefix of OUTPUT.npy and OUTPUT.ids.json")
-        record, note = encoder_record(slot_record(metadata), cfg.load)
+        slot = _slot(metadata, kind, cfg.slot, cfg.load)
+        record, note = encoder_record(saved_slots(metadata)[slot], cfg.load) if kind == "text" \
+            else (saved_slots(metadata)[slot], None)
         args = record["args"]
-        statistics = _statistics(cfg, args["projection_dim"] or args["hidden_size"], len(texts))
+        if kind == "text":
+            inputs = (saved_tokenizer(metadata, None, "load"), items)
+        else:
+            inputs = (None, _images(cfg.input, items, args["image_size"], cfg.resize))
+        statistics = _statistics(cfg, args["projection_dim"] or args["hidden_size"], len(items))
         for output in _outputs(cfg):
             check_output(output, force=cfg.force, inputs={"input": cfg.input, "load": cfg.load,
                                                           "statistics": cfg.statistics})
         check_layout(record, cfg.parallel)
         if note and rank0:
             print(note, file=sys.stderr)
-        return cfg, dp, record, tokenizer, ids, texts, statistics, *_build(cfg, record, path, dp)
+        return cfg, dp, record, *inputs, ids, statistics, *_build(cfg, record, path, slot_prefix(metadata, slot), dp)
 
-    cfg, dp, record, tokenizer, ids, texts, statistics, chunks, layout = exit_on_bad_input(prepare)
+    cfg, dp, record, tokenizer, items, ids, statistics, chunks, layout = exit_on_bad_input(prepare)
     from megatron.core import parallel_state
 
     from thann.parallel import state
 
-    seq, args = record["seq_length"], record["args"]
-    tokens = [fit_text(tokenizer.encode(text), seq, tokenizer.eod) for text in texts]
+    args = record["args"]
     dim = args["projection_dim"] or args["hidden_size"]
-    # Data-parallel ranks share out the texts, except under expert parallelism (its groups span
+    if tokenizer is not None:
+        seq = record["seq_length"]
+        items = [fit_text(tokenizer.encode(text), seq, tokenizer.eod) for text in items]
+
+        def embed(part):
+            return embed_texts(chunks, part, cfg.batch_size, seq, tokenizer.eod, dim)
+    else:
+        def embed(part):
+            return embed_images(chunks, part, cfg.batch_size, dim)
+    # Data-parallel ranks share out the inputs, except under expert parallelism (its groups span
     # data-parallel ranks, whose steps must match one for one).
     shares = dp if layout.ep == 1 else 1
     share = parallel_state.get_data_parallel_rank() if shares > 1 else 0
-    bounds = np.linspace(0, len(tokens), shares + 1).astype(int)
-    mine = embed_texts(chunks, tokens[bounds[share]:bounds[share + 1]] or tokens[:1], cfg.batch_size, seq,
-                       tokenizer.eod, dim)[: bounds[share + 1] - bounds[share]]
+    bounds = np.linspace(0, len(items), shares + 1).astype(int)
+    part = items[bounds[share]:bounds[share + 1]]
+    mine = embed(part if len(part) else items[:1])[: len(part)]  # a rank without inputs runs one, dropped
     parts = [None] * shares
     if shares > 1:
         dist.all_gather_object(parts, mine.cpu(), group=parallel_state.get_data_parallel_group())

@@ -84,13 +84,14 @@ class Generator:
 
     # -- one step through the pipeline ---------------------------------------------------------
 
-    def _forward(self, contexts: dict, tokens_BQ: torch.Tensor, offset: int) -> torch.Tensor | None:
-        """Logits [B, V] of the last fed position on the last stage (None elsewhere)."""
+    def _forward(self, contexts: dict, tokens_BQ: torch.Tensor, offset: int, **inputs) -> torch.Tensor | None:
+        """Logits [B, V] of the last fed position on the last stage (None elsewhere). ``inputs``:
+        more model inputs (an image before the prompt)."""
         B, Q = tokens_BQ.shape
         positions_BQ = torch.arange(offset, offset + Q, device=tokens_BQ.device).expand(B, Q)
 
         def forward_step(data_iterator, model):
-            output = model(tokens_BQ, positions_BQ, None, inference_context=contexts[id(model)])
+            output = model(tokens_BQ, positions_BQ, None, inference_context=contexts[id(model)], **inputs)
             return output, lambda output, non_loss_data=False: output
 
         if self.pipelined:
@@ -144,14 +145,17 @@ class Generator:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, first_index: int = 0,
                  on_token: Callable[[int, Generation], None] | None = None,
-                 keep_logits: bool = False, logprobs: Callable | None = None) -> list[Generation]:
+                 keep_logits: bool = False, logprobs: Callable | None = None,
+                 image_states: torch.Tensor | None = None) -> list[Generation]:
         """Continues every prompt; returns one Generation per prompt, on every rank.
         ``first_index``: the prompts' position in a larger request, which seeds their random
         streams. ``on_token(row, generation)`` is called after each new token (streaming).
         ``logprobs(logits_BV, tokens_B)``: how the reported log-probabilities are computed from a
         step's logits (default: the model's distribution; PPO passes its own, the one its update
-        uses). Ids the tokenizer has no token for are never chosen. Prefills to the shortest
-        prompt, then feeds one position per step until every row is done."""
+        uses). Ids the tokenizer has no token for are never chosen. ``image_states`` [B, P, H]:
+        the image each prompt follows, for an image-conditioned model (thann.models.thann.vlm),
+        fed once with the prefill and kept in the cache beside the text (P more positions).
+        Prefills to the shortest prompt, then feeds one position per step until every row is done."""
         params.check()
         self.check_prompts(prompts)
         results = [Generation(list(p), logits=[] if keep_logits else None) for p in prompts]
@@ -159,12 +163,15 @@ class Generator:
         lengths = [len(p) for p in prompts]
         B, device = len(prompts), state.device()
         prefill, end = self._agree(min(lengths), min(self.max_sequence_length, max(lengths) + params.max_new_tokens))
-        contexts = {id(chunk): unwrap_model(chunk).new_inference_context(B, end) for chunk in self.chunks}
+        inputs = {} if image_states is None else {"image_states": image_states.to(device)}
+        prefix = 0 if image_states is None else image_states.size(1)
+        contexts = {id(chunk): unwrap_model(chunk).new_inference_context(B, end + prefix) for chunk in self.chunks}
         fed = torch.tensor([p[:prefill] for p in prompts], device=device)
         offset, finished = 0, [False] * B
         with self._decoding():
             while True:
-                logits_BV = self._forward(contexts, fed, offset)
+                logits_BV = self._forward(contexts, fed, offset, **inputs)
+                inputs = {}  # the image is in the cache from here on
                 offset += fed.size(1)
                 chosen = torch.zeros(B, dtype=torch.long, device=device)
                 chosen_logprobs = torch.zeros(B, dtype=torch.float32, device=device)

@@ -5,12 +5,14 @@ tools and benchmarks.
     gpt             THANN's layers with a dense SwiGLU MLP and no learnt tokenization: the baseline
     thann_encoder   THANN's decoder with a pooled-embedding head (contrastive training, embeddings)
     thann_value     THANN's decoder with a scalar per position (a PPO critic, a reward model)
+    thann_vlm       THANN reading projected image patch states before its text (captioning, LLaVA-style)
     vit             an image encoder: megatron-core's ViT with THANN's layers, pooled (thann.models.vit)
     nnn             the cascade of matmul-free nodes (thann.models.nnn)
     chaosnet        chaotic spiking neurons with neuron death, a classifier (thann.models.chaosnet)
     mlp_baseline    ChaosNet's front-ends and heads around a parameter-matched ReLU layer
     nhsnet          Hebbian, sparse, gated, growing and pruned conv net, an image classifier (thann.models.nhsnet)
     resnet          a plain ResNet matched to NHS-Net's parameter count
+    vit_classifier  the image encoder with a linear head per dataset: image-text's from-scratch baseline
 
 A ModelSpec checks a model config alone and against a layout, makes megatron-core's
 TransformerConfig (the model's own instance), builds one pipeline stage, counts its parameters
@@ -46,6 +48,7 @@ class ModelSpec:
     reads_tokens: bool = True  # token ids in (a tokenizer; the vocabulary padded for tensor parallelism)
     initialised_by: tuple[str, ...] = ()  # other archs whose weights this one starts from (init_from)
     classifies: bool = False  # a classifier: its heads follow the datasets it classifies (args.heads)
+    embeds_images: bool = False  # an image encoder: images [B, 3, H, W] in, one embedding per image out
 
 
 REGISTRY: dict[str, ModelSpec] = {}
@@ -131,6 +134,14 @@ def _thann(arch: str, head: str | None = None) -> ModelSpec:
             require(args.pooling in POOLINGS, "contrastive.pooling", args.pooling, f"must be one of {list(POOLINGS)}")
             require(args.projection_dim is None or args.projection_dim > 0, "contrastive.projection_dim",
                     args.projection_dim, "must be null or positive")
+        if head == "vlm":
+            for key in ("image_tokens", "image_hidden_size"):
+                require(isinstance(args[key], int) and args[key] > 0, f"model.{key}", args[key],
+                        "must be a positive integer (the image encoder's patches and width)")
+            require(parallel_cfg.pp == 1, "parallel.pp", parallel_cfg.pp,
+                    "the image-conditioned decoder is one pipeline stage (its image prefix enters the first): use 1")
+            require(not parallel_cfg.sp, "parallel.sp", parallel_cfg.sp,
+                    "the image-conditioned decoder does not split sequences: use false")
 
     def transformer_config(args, parallel_cfg, *, bf16: bool, recompute: str = "none"):
         from thann.models.thann.model import transformer_config
@@ -143,6 +154,11 @@ def _thann(arch: str, head: str | None = None) -> ModelSpec:
 
             return ThannEncoder(config, args, vocab_size, max_sequence_length, args.pooling, args.projection_dim,
                                 args.learnt_temperature, pre_process=pre_process, post_process=post_process)
+        if head == "vlm":
+            from thann.models.thann.vlm import ThannVLM
+
+            return ThannVLM(config, args, vocab_size, max_sequence_length, pre_process=pre_process,
+                            post_process=post_process)
         if head == "value":
             from thann.models.thann.encoder import ThannValue
 
@@ -154,11 +170,12 @@ def _thann(arch: str, head: str | None = None) -> ModelSpec:
                           post_process=post_process)
 
     def count(args, vocab_size: int) -> Size:
-        from thann.models.thann.size import encoder_size, model_size, value_size
+        from thann.models.thann.size import encoder_size, model_size, value_size, vlm_size
 
-        return {"encoder": encoder_size, "value": value_size}.get(head, model_size)(args, vocab_size)
+        return {"encoder": encoder_size, "value": value_size, "vlm": vlm_size}.get(head, model_size)(args, vocab_size)
 
-    shape_fields = _THANN_SHAPE + (("projection_dim", "learnt_temperature") if head == "encoder" else ())
+    shape_fields = _THANN_SHAPE + {"encoder": ("projection_dim", "learnt_temperature"),
+                                   "vlm": ("image_tokens", "image_hidden_size")}.get(head, ())
     defaults = (("use_te", False),) + ((("tokenization.enabled", True),) if arch != "gpt" else ())
     return ModelSpec(arch, check, transformer_config, build, count, shape_fields, defaults,
                      initialised_by=("thann",) if head else ())
@@ -196,6 +213,10 @@ def _nnn() -> ModelSpec:
                      ("hidden_size", "num_nodes", "intermediate_size", "cross_node_attention", "cross_attention_heads"))
 
 
+_VIT_SHAPE = ("image_size", "patch_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
+              "ffn_hidden_size", "normalization", "projection_dim", "learnt_temperature")
+
+
 def _vit() -> ModelSpec:
     def check(args, parallel_cfg, recompute: str) -> None:
         from thann.models.vit import checks
@@ -220,9 +241,7 @@ def _vit() -> ModelSpec:
         return vit_size(args)
 
     return ModelSpec("vit", check, transformer_config, build, count,
-                     ("image_size", "patch_size", "hidden_size", "num_layers", "num_attention_heads",
-                      "num_query_groups", "ffn_hidden_size", "normalization", "projection_dim", "learnt_temperature"),
-                     reads_tokens=False)
+_VIT_SHAPE, reads_tokens=False, embeds_images=True)
 
 
 def _classifier(arch: str, package: str, config_function: str, shape_fields: tuple) -> ModelSpec:
@@ -254,11 +273,13 @@ _NHSNET_SHAPE = ("image.channels", "image.size", "stem_width", "widths", "blocks
 
 
 for _spec in (_thann("thann"), _thann("gpt"), _thann("thann_encoder", "encoder"), _thann("thann_value", "value"),
-              _nnn(), _vit(),
+              _thann("thann_vlm", "vlm"), _nnn(), _vit(),
               _classifier("chaosnet", "thann.models.chaosnet", "chaosnet_transformer_config", _CHAOSNET_SHAPE),
               _classifier("mlp_baseline", "thann.models.chaosnet", "chaosnet_transformer_config",
                           _CHAOSNET_SHAPE + ("hidden_width",)),
               _classifier("nhsnet", "thann.models.nhsnet", "nhsnet_transformer_config", _NHSNET_SHAPE),
               _classifier("resnet", "thann.models.nhsnet", "nhsnet_transformer_config",
-                          _NHSNET_SHAPE + ("inner_widths",))):
+                          _NHSNET_SHAPE + ("inner_widths",)),
+              _classifier("vit_classifier", "thann.models.vit.classifier", "vit_classifier_transformer_config",
+                          _VIT_SHAPE[:-2] + ("image.channels", "image.size", "heads"))):
     register(_spec)

@@ -56,3 +56,13 @@ def value_size(model_cfg, vocab_size: int) -> Size:
     h = model_cfg.hidden_size
     return Size(total=lm.total + h + 1, active=lm.active + h + 1, matmul=lm.matmul - vocab_size * h + h,
                 attention_layers=lm.attention_layers, attention_width=lm.attention_width)
+
+
+def vlm_size(model_cfg, vocab_size: int) -> Size:
+    """THANN reading an image prefix (thann.models.thann.vlm): the language model and the
+    projector, a two-layer MLP with biases (image width -> h -> h) that runs once per image patch."""
+    lm = model_size(model_cfg, vocab_size)
+    h, i = model_cfg.hidden_size, model_cfg.image_hidden_size
+    projector = i * h + h + h * h + h
+    return Size(total=lm.total + projector, active=lm.active + projector, matmul=lm.matmul,
+                attention_layers=lm.attention_layers, attention_width=lm.attention_width)

@@ -68,9 +68,13 @@ class ViTEncoder(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:
         self.vit.set_input_tensor(input_tensor)
 
+    def patch_states(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        """Each patch's final (normed) state [B, S, H]: what an image-conditioned decoder reads."""
+        return self.final_norm(self.vit(images_BCHW.to(self.vit.conv1.weight.dtype)))
+
     def forward(self, images_BCHW: torch.Tensor, project: bool = True) -> torch.Tensor:
         """L2-normalised embeddings [B, P] (``project=False``: the pooled states [B, H])."""
-        hidden_BSH = self.final_norm(self.vit(images_BCHW.to(self.vit.conv1.weight.dtype)))
+        hidden_BSH = self.patch_states(images_BCHW)
         patches = torch.full((hidden_BSH.size(0),), hidden_BSH.size(1), device=hidden_BSH.device)
         return self.pooled_embedding(hidden_BSH.transpose(0, 1), patches, project)
 

@@ -9,8 +9,8 @@ all positives: loss.py), scaled by 1/temperature (fixed, or learnt as a paramete
 head, at most 100 as CLIP's). Memory stays that of one micro-batch in both towers (GradCache over
 the two slots: StepContext.grad_cache).
 
-Data (thann.data.images): the emoji package's images and names, or a user's caption file, its
-groups split into training and held-out ones. Evaluation at every interval: the held-out loss,
+Data (thann.data.images): the emoji package's images and names, Fashion-MNIST's classes through
+caption templates, or a user's caption file, its groups split into training and held-out ones. Evaluation at every interval: the held-out loss,
 recall@1/5/10 from each held-out image to every held-out caption and back, and (zero_shot.py)
 zero-shot Fashion-MNIST accuracy beside a linear probe on the frozen image states, and zero-shot
 emoji-category accuracy of the held-out emoji.
@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from thann.config import ConfigError, require
 from thann.data.checks import check_tokenizer
-from thann.data.images import EMOJI_SIZE, Captioned, ImageDataError, caption_file, emoji, to_tensor
+from thann.data.images import EMOJI_SIZE, Captioned, ImageDataError, caption_file, emoji, fashion_mnist, to_tensor
 from thann.data.order import SampleOrder
 from thann.data.pairs import Sampler, pad_texts
 from thann.inference.embedding import embed_images, embed_texts, encode, encode_images
@@ -58,7 +58,11 @@ def text_args(cfg: DictConfig) -> DictConfig:
 def load_data(cfg: DictConfig) -> Captioned:
     """The configured images and captions (ImageDataError names a bad file or line)."""
     size, resize = cfg.image_model.image_size, cfg.data.resize
-    return emoji(size, resize) if cfg.data.source == "emoji" else caption_file(cfg.data.source, size, resize)
+    if cfg.data.source == "emoji":
+        return emoji(size, resize)
+    if cfg.data.source == "fashion_mnist":
+        return fashion_mnist(size, list(cfg.data.templates), cfg.data.get("limit"))
+    return caption_file(cfg.data.source, size, resize)
 
 
 class ImageText(Recipe):
@@ -92,8 +96,16 @@ class ImageText(Recipe):
             require(cfg.data.resize or size == EMOJI_SIZE, "image_model.image_size", size,
                     f"the emoji images are {EMOJI_SIZE}x{EMOJI_SIZE}: use {EMOJI_SIZE} or data.resize=true")
             return
+        if cfg.data.source == "fashion_mnist":
+            templates = cfg.data.get("templates")
+            require(bool(templates) and all("{}" in t for t in templates), "data.templates", templates,
+                    "must be a non-empty list of captions with {} where the class name goes")
+            limit = cfg.data.get("limit")
+            require(limit is None or (isinstance(limit, int) and limit > 0), "data.limit", limit,
+                    "must be null (all 60,000 training images) or a positive integer")
+            return
         require(os.path.isfile(str(cfg.data.source)), "data.source", cfg.data.source,
-                'must be emoji or a JSON-lines file of {"image": path, "caption": text}')
+                'must be emoji, fashion_mnist or a JSON-lines file of {"image": path, "caption": text}')
         try:  # every line and image, before anything is built
             caption_file(str(cfg.data.source), size, cfg.data.resize)
         except ImageDataError as e:

@@ -1,12 +1,13 @@
 """Zero-shot classification by captions, and a linear probe, for an image-text pair of encoders.
 
 - **Fashion-MNIST** (never trained on): the first ``test`` images of a fixed permutation of its
-  test split, each resized to the image encoder's size (bicubic) and its grey repeated over red,
-  green and blue. Each class is one caption per template ("a photo of a {}"), whose text
-  embeddings are averaged (CLIP's prompt ensembling); an image's predicted class is the nearest
-  class embedding. The **linear probe** fits a logistic regression on the frozen pooled image
-  states (before the projection) of the first ``train`` images of a fixed permutation of the train
-  split and scores it on the same test images: what the image encoder alone has learnt.
+  test split, each resized to the image encoder's size and its grey repeated over red, green and
+  blue (thann.data.images.grey_to_rgb, as the from-scratch ViT classifier sees them). Each class
+  is one caption per template ("a photo of a {}"), whose text embeddings are averaged (CLIP's
+  prompt ensembling); an image's predicted class is the nearest class embedding. The **linear
+  probe** fits a logistic regression on the frozen pooled image states (before the projection)
+  of the first ``train`` images of a fixed permutation of the train split and scores it on the
+  same test images: what the image encoder alone has learnt.
 - **Emoji categories**: each held-out emoji image against one caption per category of the
   package ("Smileys & Emotion", ...; Component, the skin-tone swatches, left out).
 """
@@ -17,14 +18,6 @@ import numpy as np
 
 _SUBSET_SEED = 10  # fixes which images form the subsets: every run evaluates the same ones
 EXCLUDED_CATEGORIES = ("Component",)
-
-
-def _resized(images: np.ndarray, size: int) -> np.ndarray:
-    """Grey bytes [N, 1, h, w] -> RGB bytes [N, size, size, 3]."""
-    from PIL import Image
-
-    return np.stack([np.asarray(Image.fromarray(image[0]).resize((size, size), Image.Resampling.BICUBIC)
-                                .convert("RGB")) for image in images])
 
 
 @dataclass(frozen=True)
@@ -38,13 +31,14 @@ class FashionMNIST:
     @classmethod
     def subset(cls, train: int, test: int, size: int) -> "FashionMNIST":
         from thann.data.classification import load
+        from thann.data.images import fashion_names, grey_to_rgb
 
         parts = []
         for split, count in (("train", train), ("test", test)):
             data = load("fashion_mnist", split)
             chosen = np.random.default_rng(_SUBSET_SEED).permutation(len(data))[:count]
-            parts.append((_resized(data.inputs.numpy()[chosen], size), data.labels.numpy()[chosen]))
-        names = [name.lower().replace("/", " or ") for name in load("fashion_mnist", "test").class_names]
+            parts.append((grey_to_rgb(data.inputs[chosen], size).numpy(), data.labels.numpy()[chosen]))
+        names = fashion_names(load("fashion_mnist", "test").class_names)
         return cls(*parts[0], *parts[1], names)
 
 
