@@ -20,15 +20,14 @@ from omegaconf import OmegaConf
 def retrieve(run: str, count: int, seed: int = 0):
     """(images [N, H, W, 3], their true captions, the top-3 captions of each, i2t recall@1/5/10)."""
     from thann.checkpoint.weights import saved_config, saved_slots, slot_prefix
-    from thann.data.images import to_tensor
+    from thann.data.images import captioned, to_tensor
     from thann.inference.embedding import embed_images, embed_texts
     from thann.inference.load import build_from_checkpoint, saved, saved_tokenizer
     from thann.parallel import state
-    from thann.recipes.image_text.recipe import load_data
 
     path, metadata = saved(run, "run")
     cfg = saved_config(metadata)
-    _, heldout = load_data(cfg).split(cfg.data.heldout, cfg.train.seed)
+    _, heldout = captioned(cfg.data, cfg.image_model.image_size).split(cfg.data.heldout, cfg.train.seed)
     single = OmegaConf.create({"tp": 1, "pp": 1, "ep": 1, "etp": 1, "sp": False})
     state.initialize(single, 1, 0)
     slots = saved_slots(metadata)

@@ -149,6 +149,16 @@ def fashion_mnist(size: int, templates: list[str], limit: int | None = None) -> 
     return Captioned(pixels, labels.numpy().astype(np.int64), captions, [""] * len(captions))
 
 
+def captioned(data_cfg, size: int) -> Captioned:
+    """The images and captions a data config names (``source``: emoji, fashion_mnist or a caption
+    file), at the image encoder's ``size``."""
+    if data_cfg.source == "emoji":
+        return emoji(size, data_cfg.resize)
+    if data_cfg.source == "fashion_mnist":
+        return fashion_mnist(size, list(data_cfg.templates), data_cfg.get("limit"))
+    return caption_file(data_cfg.source, size, data_cfg.resize)
+
+
 def caption_file(path: str, size: int, resize: bool) -> Captioned:
     """A JSON-lines file of {"image": path (relative to the file's folder), "caption": text or
     [texts]}; lines naming the same image add captions to its group."""

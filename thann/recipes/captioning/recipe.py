@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from thann.checkpoint.weights import checkpoint_path, saved_config, saved_run, saved_slots
 from thann.config import ConfigError, require
 from thann.data.checks import check_tokenizer
-from thann.data.images import Captioned, to_tensor
+from thann.data.images import Captioned, captioned, to_tensor
 from thann.data.order import SampleOrder
 from thann.data.pairs import Sampler
 from thann.inference.generator import Generator
@@ -34,7 +34,6 @@ from thann.inference.sampling import SamplingParams
 from thann.models import registry
 from thann.parallel import state
 from thann.recipes.captioning.quality import caption_scores
-from thann.recipes.image_text.recipe import load_data
 from thann.training.recipe import Recipe
 from thann.training.slots import SlotSpec
 
@@ -98,7 +97,8 @@ class Captioning(Recipe):
         record, image_cfg = _image_run(cfg)
         self.image_args = OmegaConf.create(record["args"])
         try:
-            data = load_data(OmegaConf.merge(image_cfg, {"data": {"resize": cfg.data.resize}}))
+            data = captioned(OmegaConf.merge(image_cfg.data, {"resize": cfg.data.resize}),
+                             self.image_args.image_size)
         except ValueError as e:
             raise ConfigError("data.source", cfg.data.source, str(e)) from None
         self.train_set, self.heldout = data.split(image_cfg.data.heldout, image_cfg.train.seed)

@@ -10,10 +10,10 @@ head, at most 100 as CLIP's). Memory stays that of one micro-batch in both tower
 the two slots: StepContext.grad_cache).
 
 Data (thann.data.images): the emoji package's images and names, Fashion-MNIST's classes through
-caption templates, or a user's caption file, its groups split into training and held-out ones. Evaluation at every interval: the held-out loss,
-recall@1/5/10 from each held-out image to every held-out caption and back, and (zero_shot.py)
-zero-shot Fashion-MNIST accuracy beside a linear probe on the frozen image states, and zero-shot
-emoji-category accuracy of the held-out emoji.
+caption templates, or a user's caption file, its groups split into training and held-out ones.
+Evaluation at every interval: the held-out loss, recall@1/5/10 from each held-out image to every
+held-out caption and back, and (zero_shot.py) zero-shot Fashion-MNIST accuracy beside a linear
+probe on the frozen image states, and zero-shot emoji-category accuracy of the held-out emoji.
 """
 
 import math
@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from thann.config import ConfigError, require
 from thann.data.checks import check_tokenizer
-from thann.data.images import EMOJI_SIZE, Captioned, ImageDataError, caption_file, emoji, fashion_mnist, to_tensor
+from thann.data.images import EMOJI_SIZE, Captioned, ImageDataError, caption_file, captioned, to_tensor
 from thann.data.order import SampleOrder
 from thann.data.pairs import Sampler, pad_texts
 from thann.inference.embedding import embed_images, embed_texts, encode, encode_images
@@ -53,16 +53,6 @@ def text_args(cfg: DictConfig) -> DictConfig:
     c = cfg.contrastive
     return OmegaConf.create({**OmegaConf.to_container(cfg.model, resolve=True), "arch": "thann_encoder",
                              "pooling": c.pooling, "projection_dim": c.projection_dim, "learnt_temperature": None})
-
-
-def load_data(cfg: DictConfig) -> Captioned:
-    """The configured images and captions (ImageDataError names a bad file or line)."""
-    size, resize = cfg.image_model.image_size, cfg.data.resize
-    if cfg.data.source == "emoji":
-        return emoji(size, resize)
-    if cfg.data.source == "fashion_mnist":
-        return fashion_mnist(size, list(cfg.data.templates), cfg.data.get("limit"))
-    return caption_file(cfg.data.source, size, resize)
 
 
 class ImageText(Recipe):
@@ -124,7 +114,8 @@ class ImageText(Recipe):
         self.tokenizer = check_tokenizer(cfg.data)
         train = cfg.train
         self.order = SampleOrder.of(layout, train.global_batch_size, train.micro_batch_size)
-        self.train_set, self.heldout = load_data(cfg).split(cfg.data.heldout, train.seed)
+        data = captioned(cfg.data, cfg.image_model.image_size)
+        self.train_set, self.heldout = data.split(cfg.data.heldout, train.seed)
         self.train_pairs, self.heldout_pairs = self.train_set.pairs(), self.heldout.pairs()
         self.train_captions, self.heldout_captions = (
             [[self._tokens(t) for t in texts] for texts in d.captions] for d in (self.train_set, self.heldout))
