@@ -59,8 +59,10 @@ class Captioned:
         return [(i, c) for i, g in enumerate(self.groups) for c in range(len(self.captions[g]))]
 
 
-def read_image(path: str, size: int, resize: bool, where: str | None = None) -> np.ndarray:
-    """RGB bytes [size, size, 3] of the image file at ``path``; ``where`` names it in errors."""
+def read_image(path: str, size: int, resize: bool, where: str | None = None,
+               resize_field: str = "data.resize") -> np.ndarray:
+    """RGB bytes [size, size, 3] of the image file at ``path``; ``where`` names it in errors, and
+    ``resize_field`` the setting that would resize it (the caller's name for ``resize``)."""
     from PIL import Image, UnidentifiedImageError
 
     where = where or path
@@ -73,7 +75,7 @@ def read_image(path: str, size: int, resize: bool, where: str | None = None) -> 
     if rgb.size != (size, size):
         if not resize:
             raise ImageDataError(f"{where}: {rgb.size[0]}x{rgb.size[1]} pixels, the image encoder reads "
-                                 f"{size}x{size} (data.resize=true resizes)")
+                                 f"{size}x{size} ({resize_field}=true resizes)")
         rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
     return np.array(rgb, dtype=np.uint8)  # writable: torch warns on read-only memory
 

@@ -98,9 +98,9 @@ def _image_encoder(cfg: DictConfig, metadata: dict):
     check_layout(record, cfg.parallel)
     size = record["args"]["image_size"]
     try:
-        pixels = read_image(str(cfg.image), size, cfg.resize)
+        pixels = read_image(str(cfg.image), size, cfg.resize, resize_field="resize")
     except ImageDataError as e:
-        raise ConfigError("image", cfg.image, str(e).replace("data.resize=true", "resize=true")) from None
+        raise ConfigError("image", cfg.image, str(e)) from None
     return path, record, slot_prefix(source, "image"), to_tensor(pixels[None])
 
 

@@ -90,9 +90,9 @@ def _outputs(cfg: DictConfig) -> tuple[str, ...]:
 def _images(source: str, paths: list[str], size: int, resize: bool) -> torch.Tensor:
     """Floats [N, 3, size, size] of the image files (ConfigError naming a bad one)."""
     try:
-        return to_tensor(np.stack([read_image(p, size, resize) for p in paths]))
+        return to_tensor(np.stack([read_image(p, size, resize, resize_field="resize") for p in paths]))
     except ImageDataError as e:
-        raise ConfigError("input", source, f"{e}".replace("data.resize=true", "resize=true")) from None
+        raise ConfigError("input", source, str(e)) from None
 
 
 def _statistics(cfg: DictConfig, dim: int, texts: int) -> dict | None:

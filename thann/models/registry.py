@@ -213,8 +213,8 @@ def _nnn() -> ModelSpec:
                      ("hidden_size", "num_nodes", "intermediate_size", "cross_node_attention", "cross_attention_heads"))
 
 
-_VIT_SHAPE = ("image_size", "patch_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
-              "ffn_hidden_size", "normalization", "projection_dim", "learnt_temperature")
+_VIT_ENCODER_SHAPE = ("image_size", "patch_size", "hidden_size", "num_layers", "num_attention_heads",
+                      "num_query_groups", "ffn_hidden_size", "normalization")
 
 
 def _vit() -> ModelSpec:
@@ -241,7 +241,8 @@ def _vit() -> ModelSpec:
         return vit_size(args)
 
     return ModelSpec("vit", check, transformer_config, build, count,
-_VIT_SHAPE, reads_tokens=False, embeds_images=True)
+                     _VIT_ENCODER_SHAPE + ("projection_dim", "learnt_temperature"),
+                     reads_tokens=False, embeds_images=True)
 
 
 def _classifier(arch: str, package: str, config_function: str, shape_fields: tuple) -> ModelSpec:
@@ -281,5 +282,5 @@ for _spec in (_thann("thann"), _thann("gpt"), _thann("thann_encoder", "encoder")
               _classifier("resnet", "thann.models.nhsnet", "nhsnet_transformer_config",
                           _NHSNET_SHAPE + ("inner_widths",)),
               _classifier("vit_classifier", "thann.models.vit.classifier", "vit_classifier_transformer_config",
-                          _VIT_SHAPE[:-2] + ("image.channels", "image.size", "heads"))):
+                          _VIT_ENCODER_SHAPE + ("image.channels", "image.size", "heads"))):
     register(_spec)

@@ -175,10 +175,9 @@ class Captioning(Recipe):
         means = self._means(ctx, self._batches(self.heldout, 0, train.seed + 1),
                             train.eval_iters * self.order.num_microbatches, True)
         captions = self.caption(ctx, self.heldout.pixels[self.first_images])
-        references = [self.heldout.captions[g] for g in range(len(self.heldout.captions))]
-        scores = caption_scores(captions, references)
+        scores = caption_scores(captions, self.heldout.captions)  # a group's first image, its names
         if self._nearest is None:
-            self._nearest = caption_scores(self._nearest_names(ctx), references)
+            self._nearest = caption_scores(self._nearest_names(ctx), self.heldout.captions)
         return {"loss": means["caption_loss"], **means, "caption_exact": scores["exact"], "caption_f1": scores["f1"],
                 "nearest_exact": self._nearest["exact"], "nearest_f1": self._nearest["f1"]}
 
