@@ -27,9 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Each row: the overrides of configs/contrastive.yaml it makes, the question it asks, and how
 # its steps compare with the other rows' (a larger batch takes fewer steps over the same pairs).
-# Rows other than "dropout" start from the recipe issue 27 measured (PAIRS); "dropout" is the
-# default of configs/contrastive.yaml.
-PAIRS = ["data=sharegpt_pairs", "model.hidden_dropout=0.0", "model.attention_dropout=0.0"]
+# Rows start from the recipe issue 27 measured (PAIRS: question/reply pairs, mean pooling), or
+# from SimCSE; "first-last" is the default of configs/contrastive.yaml.
+PAIRS = ["data=sharegpt_pairs", "model.hidden_dropout=0.0", "model.attention_dropout=0.0", "contrastive.pooling=mean"]
 ROWS = {
     "issue-27": ([*PAIRS, "train.lr=1.0e-3", "train.min_lr=1.0e-4", "contrastive.temperature=0.05"],
                  "the recipe issue 27 measured: lr 1e-3, temperature 0.05, ShareGPT pairs", 1.0),
@@ -39,12 +39,17 @@ ROWS = {
     "temp-0.02": ([*PAIRS, "contrastive.temperature=0.02"], "a sharper temperature", 1.0),
     "batch-128": ([*PAIRS, "train.global_batch_size=128", "train.warmup_steps=12"],
                   "4x the in-batch negatives (GradCache), the same pairs", 0.25),
-    "last-pooling": ([*PAIRS, "contrastive.pooling=last"], "the end-of-document state instead of the mean", 1.0),
+    "last-pooling": ([*PAIRS[:-1], "contrastive.pooling=last"], "the end-of-document state instead of the mean", 1.0),
     "projection": ([*PAIRS, "contrastive.projection_dim=128"], "a new linear projection before the loss", 1.0),
     "spans": (["data=sharegpt_spans", *PAIRS[1:]],
               "two spans of one ShareGPT conversation instead of question/reply", 1.0),
+    "first-last": ([*PAIRS[:-1], "contrastive.pooling=first_last"],
+                   "first-last pooling: the mean token embedding beside the mean final state", 1.0),
+    "first-last-dropout": (["data=sharegpt_dropout", "model.hidden_dropout=0.1", "model.attention_dropout=0.1",
+                            "contrastive.pooling=first_last"], "SimCSE with first-last pooling", 1.0),
     # thann_tiny trains without dropout; SimCSE's views differ only through it (0.1 as in SimCSE).
-    "dropout": (["data=sharegpt_dropout", "model.hidden_dropout=0.1", "model.attention_dropout=0.1"],
+    "dropout": (["data=sharegpt_dropout", "model.hidden_dropout=0.1", "model.attention_dropout=0.1",
+                 "contrastive.pooling=mean"],
                 "SimCSE: one span twice, dropout 0.1 makes the views", 1.0),
 }
 
@@ -89,23 +94,25 @@ def table(results: list[dict]) -> str:
     # Retrieval pools differ between data kinds (pairs, or two spans of a conversation), so each
     # row shows its own pool's start and BM25 recall@10 beside its own.
     header = " | ".join(label for _, label in COLUMNS)
-    lines = [f"| row | seeds | {header} | recall@10 start / BM25 | minutes | what |",
-             "|---" * (len(COLUMNS) + 5) + "|"]
+    lines = [f"| row | seeds | {header} | kNN / probe start | recall@10 start / BM25 | minutes | what |",
+             "|---" * (len(COLUMNS) + 6) + "|"]
     first = next(iter(rows.values()))
-    for prefix, label in (("start_", "starting checkpoint (mean-pooled states)"), ("tfidf_", "TF-IDF / BM25")):
+    for prefix, label in (("start_", "starting checkpoint (pooled as the first row)"), ("tfidf_", "TF-IDF / BM25")):
         cells = []
         for key, _ in COLUMNS:
             name = f"bm25_{key}" if prefix == "tfidf_" and key == "recall@10" else f"{prefix}{key}"
             values = [r["start"][name] for r in first if name in r["start"]]
             cells.append(_cell(values) if values else "")
-        lines.append(f"| {label} | {len(first)} | " + " | ".join(cells) + " | | | |")
+        lines.append(f"| {label} | {len(first)} | " + " | ".join(cells) + " | | | | |")
     for name, results_of_row in rows.items():
         cells = [_cell([r["end"][key] for r in results_of_row]) for key, _ in COLUMNS]
         minutes = statistics.mean(r["minutes"] for r in results_of_row)
-        pool = " / ".join(_cell([r["start"][key] for r in results_of_row])
-                          for key in ("start_recall@10", "bm25_recall@10"))
-        lines.append(f"| {name} | {len(results_of_row)} | " + " | ".join(cells) + f" | {pool} | {minutes:.1f} | "
-                     f"{ROWS[name][1] if name in ROWS else ''} |")
+        # A row's own start: its pooling (or projection) applied to the starting checkpoint.
+        start, pool = (" / ".join(_cell([r["start"][key] for r in results_of_row]) for key in keys)
+                       for keys in (("start_knn_accuracy", "start_probe_accuracy"),
+                                    ("start_recall@10", "bm25_recall@10")))
+        lines.append(f"| {name} | {len(results_of_row)} | " + " | ".join(cells)
+                     + f" | {start} | {pool} | {minutes:.1f} | {ROWS[name][1] if name in ROWS else ''} |")
     return "\n".join(lines)
 
 

@@ -17,8 +17,10 @@ from conftest import ROOT, slow_case
 
 HARNESS = os.path.join(ROOT, "tests", "support", "contrastive_harness.py")
 # Question/reply pairs (the default) without dropout in the decoder, pinned (SimCSE runs set it); the
-# tokenization's dropout stays on where a test says so.
-MODEL = ["data=sharegpt_pairs", "model.hidden_dropout=0.0", "model.attention_dropout=0.0", "model.num_layers=2",
+# tokenization's dropout stays on where a test says so. Mean pooling, pinned: every layout has it
+# (first_last, the default, needs one pipeline stage; one layout case checks it).
+MODEL = ["data=sharegpt_pairs", "model.hidden_dropout=0.0", "model.attention_dropout=0.0", "contrastive.pooling=mean",
+         "model.num_layers=2",
          "model.hidden_size=64", "model.num_attention_heads=4", "model.moe_ffn_hidden_size=64",
          "model.moe_aux_loss_coeff=0.0", "train.precision=fp32", "contrastive.hard_negatives=1",
          "contrastive.learnable_temperature=true",
@@ -112,16 +114,19 @@ def test_grad_cache_over_2_ranks_and_2_micro_batches_equals_one_pass(encoder, pa
 
 @pytest.mark.parametrize("nproc, layout", [
     (2, ["parallel.tp=2", "parallel.sp=true"]),
+    (2, ["parallel.tp=2", "parallel.sp=true", "contrastive.pooling=first_last"]),
     (2, ["parallel.pp=2"]),
     slow_case(2, ["parallel.ep=2"]),
-], ids=["tp2_sp", "pp2", "ep2"])
+], ids=["tp2_sp", "tp2_sp_first_last", "pp2", "ep2"])
 def test_every_layout_computes_the_single_rank_loss(encoder, pairs_with_negatives, nproc, layout):
     base, *_ = encoder
     no_dropout = ["model.tokenization.dropout=0.0", "train.micro_batch_size=2", "train.global_batch_size=4"]
-    name = "_".join(layout).replace("parallel.", "").replace("=", "")
-    single = base / "single.pt"
+    name = "_".join(layout).replace("parallel.", "").replace("contrastive.", "").replace("=", "")
+    pooling = [o for o in layout if o.startswith("contrastive.pooling")]  # the reference pools the same way
+    single = base / ("single" + "".join(o.split("=")[1] for o in pooling) + ".pt")
     reference = (torch.load(single) if single.exists() else
-                 _harness(base / "init.pt", single, _overrides(pairs_with_negatives, base / "single", no_dropout), 1))
+                 _harness(base / "init.pt", single, _overrides(pairs_with_negatives, base / single.stem,
+                                                               no_dropout + pooling), 1))
     extra = no_dropout if layout != ["parallel.ep=2"] else no_dropout[:1] + ["train.micro_batch_size=1",
                                                                                "train.global_batch_size=4"]
     got = _harness(base / "init.pt", base / f"{name}.pt",
@@ -298,3 +303,44 @@ def test_thann_embed_of_a_language_model_is_the_mean_of_its_final_hidden_states(
                           timeout=120)
     assert both.returncode == 2 and both.stderr.strip().startswith("invalid config: statistics=")
     assert both.stderr.count("\n") == 1
+
+
+def test_first_last_pooling_adds_the_mean_token_embedding_to_the_mean_final_state(single_rank):
+    """``first_last``: the normalised mean of the token embeddings (looked up here in the
+    embedding's weight) plus the normalised mean final state (a mean-pooling encoder with the same
+    weights), normalised; padding ignored; the embedding receives the pooled head's gradient."""
+    from omegaconf import OmegaConf
+
+    from thann.models import registry
+
+    args = OmegaConf.merge(OmegaConf.load(f"{ROOT}/configs/model/thann_tiny.yaml"),
+                           {"arch": "thann_encoder", "projection_dim": None, "learnt_temperature": None})
+    V, S = 512, 16
+    first_last, _ = registry.build(OmegaConf.merge(args, {"pooling": "first_last"}), single_rank, vocab_size=V,
+                                   max_sequence_length=S, bf16=False)
+    mean, _ = registry.build(OmegaConf.merge(args, {"pooling": "mean"}), single_rank, vocab_size=V,
+                             max_sequence_length=S, bf16=False)
+    mean.load_state_dict(first_last.state_dict())
+    first_last.eval(), mean.eval()
+    tokens = torch.randint(0, V, (3, S), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(S).expand(3, S)
+    lengths = torch.tensor([S, 5, 9])
+    pooled = first_last(tokens, positions, lengths)
+    with torch.no_grad():
+        final = mean(tokens, positions, lengths)
+    table = first_last.embedding.word_embeddings.weight.detach()
+    for b in range(3):
+        first = F.normalize(table[tokens[b, : lengths[b]]].mean(dim=0), dim=0)
+        torch.testing.assert_close(pooled[b].detach(), F.normalize(first + final[b], dim=0), atol=1e-5, rtol=1e-5)
+    pooled.sum().backward()
+    read = torch.zeros(V, dtype=torch.bool)  # the tokens of real positions: padding gets no gradient
+    for b in range(3):
+        read[tokens[b, : lengths[b]]] = True
+    grad = first_last.embedding.word_embeddings.weight.grad
+    assert (grad[read].abs().sum(dim=1) > 0).all() and grad[~read].abs().sum() == 0
+
+    from thann.config import ConfigError
+
+    with pytest.raises(ConfigError, match="contrastive.pooling='first_last': .*one pipeline stage"):
+        registry.spec_of(args).check(OmegaConf.merge(args, {"pooling": "first_last"}),
+                                     OmegaConf.merge(single_rank, {"pp": 2}), "none")

@@ -38,13 +38,22 @@ class ThannEncoder(_HiddenStates):
             with init_stream("pooled_embedding"):
                 self.pooled_embedding = PooledEmbedding(config.hidden_size, pooling, projection_dim,
                                                         config.init_method, config.params_dtype, learnt_temperature)
+        self._token_embeddings = None
+        if pooling == "first_last":  # one pipeline stage (the registry checks): the head reads the embeddings
+            self.embedding.register_forward_hook(self._keep_token_embeddings)
+
+    def _keep_token_embeddings(self, module, inputs, output) -> None:
+        if self.config.sequence_parallel and module.scatter_to_sequence_parallel:
+            output = tensor_parallel.gather_from_sequence_parallel_region(output, tensor_parallel_output_grad=False)
+        self._token_embeddings = output
 
     def forward(self, input_ids, position_ids, lengths, project: bool = True):
         """Last stage: L2-normalised embeddings [B, P]; other stages: hidden states for the next."""
         hidden = super().forward(input_ids, position_ids, None)
         if not self.post_process:
             return hidden
-        return self.pooled_embedding(hidden, lengths, project)
+        embeddings, self._token_embeddings = self._token_embeddings, None
+        return self.pooled_embedding(hidden, lengths, project, embeddings)
 
 
 class ThannValue(_HiddenStates):
