@@ -149,7 +149,7 @@ def main() -> None:
     # megatron-core's torch_dist writer forks this process (its write workers, synchronous or not),
     # and after a fork every page the parent writes faults once more (copy-on-write bookkeeping,
     # even with the children gone): a zarr host copy after one took 0.44-0.51 s instead of
-    # 0.18-0.23. THANN's zarr path never forks, so zarr is measured first, then torch_dist.
+    # 0.12-0.23. THANN's zarr path never forks, so zarr is measured first, then torch_dist.
     for fmt, fmt_modes in modes.items():
         for _ in range(args.repeats):
             for mode in fmt_modes:

@@ -8,7 +8,7 @@ contrastive recipe trains.
 
     python benchmarks/pooling_layers.py [--load checkpoints/thann_tiny] [--train 1000] [--test 500] [--k 10]
 
-Prints a markdown table. One process, the checkpoint's model slot read as an encoder.
+Prints a markdown table. One process; a pretraining (language model) checkpoint.
 """
 
 import argparse
@@ -36,7 +36,9 @@ def main() -> None:
 
     path, metadata = saved(args.load, "load")
     slot = primary_slot(metadata)
-    record, _ = encoder_record(saved_slots(metadata)[slot], args.load)
+    if saved_slots(metadata)[slot]["args"].get("arch", "thann") != "thann":
+        raise SystemExit(f"{args.load}: not a THANN language model (pretraining) checkpoint")
+    record, _ = encoder_record(saved_slots(metadata)[slot], args.load)  # mean-pooled final states
     layout = OmegaConf.create({"tp": 1, "pp": 1, "ep": 1, "etp": 1, "sp": False})
     state.initialize(layout, 1, 0)
     (model,) = build_from_checkpoint(path, record, layout, "fp32", slot_prefix(metadata, slot))

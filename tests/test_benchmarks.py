@@ -138,3 +138,15 @@ def test_nnn_benchmark_compares_models_of_the_same_size(tiny_chat_corpus, tmp_pa
     # gpt_tiny's KV cache for one sequence of 64 + 4 positions: keys and values of 4 layers, 128 floats each
     cache = re.search(r"^\| gpt_tiny \| [\d.]+ \| ([\d.]+) \|", out.stdout, re.MULTILINE).group(1)
     assert float(cache) == pytest.approx(2 * 4 * (64 + 4) * 128 * 4 / 2**20, abs=0.005)
+
+
+@pytest.mark.slow
+def test_pooling_layers_benchmark_prints_each_pooling_of_a_pretraining_checkpoint(tiny_checkpoint):
+    out = subprocess.run([sys.executable, "benchmarks/pooling_layers.py", "--load", str(tiny_checkpoint), "--train", "40",
+                          "--test", "20", "--k", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = re.findall(r"^\| ([^|]+?) \| " + r" \| ".join([r"([\d.]+)"] * 6) + r" \|$", out.stdout, re.MULTILINE)
+    names = [r[0] for r in rows]
+    assert names[0] == "token embeddings" and names[-2:] == ["final states (mean pooling)", "first-last"], out.stdout
+    assert names[1:-2] == [f"decoder layer {i + 1}" for i in range(len(names) - 3)] and len(names) > 3
+    assert all(0 <= float(v) <= 1 for r in rows for v in r[1:])

@@ -115,18 +115,21 @@ def test_grad_cache_over_2_ranks_and_2_micro_batches_equals_one_pass(encoder, pa
 @pytest.mark.parametrize("nproc, layout", [
     (2, ["parallel.tp=2", "parallel.sp=true"]),
     (2, ["parallel.tp=2", "parallel.sp=true", "contrastive.pooling=first_last"]),
+    # without the tokenization the embedding itself splits the sequence (first_last gathers it)
+    slow_case(2, ["parallel.tp=2", "parallel.sp=true", "contrastive.pooling=first_last",
+                  "model.tokenization.enabled=false"]),
     (2, ["parallel.pp=2"]),
     slow_case(2, ["parallel.ep=2"]),
-], ids=["tp2_sp", "tp2_sp_first_last", "pp2", "ep2"])
+], ids=["tp2_sp", "tp2_sp_first_last", "tp2_sp_first_last_no_tokenization", "pp2", "ep2"])
 def test_every_layout_computes_the_single_rank_loss(encoder, pairs_with_negatives, nproc, layout):
     base, *_ = encoder
     no_dropout = ["model.tokenization.dropout=0.0", "train.micro_batch_size=2", "train.global_batch_size=4"]
     name = "_".join(layout).replace("parallel.", "").replace("contrastive.", "").replace("=", "")
-    pooling = [o for o in layout if o.startswith("contrastive.pooling")]  # the reference pools the same way
-    single = base / ("single" + "".join(o.split("=")[1] for o in pooling) + ".pt")
+    model = [o for o in layout if not o.startswith("parallel.")]  # the reference is the same model
+    single = base / ("single" + "_".join(o.split("=")[1] for o in model) + ".pt")
     reference = (torch.load(single) if single.exists() else
                  _harness(base / "init.pt", single, _overrides(pairs_with_negatives, base / single.stem,
-                                                               no_dropout + pooling), 1))
+                                                               no_dropout + model), 1))
     extra = no_dropout if layout != ["parallel.ep=2"] else no_dropout[:1] + ["train.micro_batch_size=1",
                                                                                "train.global_batch_size=4"]
     got = _harness(base / "init.pt", base / f"{name}.pt",
@@ -308,7 +311,9 @@ def test_thann_embed_of_a_language_model_is_the_mean_of_its_final_hidden_states(
 def test_first_last_pooling_adds_the_mean_token_embedding_to_the_mean_final_state(single_rank):
     """``first_last``: the normalised mean of the token embeddings (looked up here in the
     embedding's weight) plus the normalised mean final state (a mean-pooling encoder with the same
-    weights), normalised; padding ignored; the embedding receives the pooled head's gradient."""
+    weights), normalised, padding ignored; and every parameter's gradient is that of this
+    expression computed here (so the embeddings get the pooled head's gradient, not only the
+    decoder's)."""
     from omegaconf import OmegaConf
 
     from thann.models import registry
@@ -326,13 +331,19 @@ def test_first_last_pooling_adds_the_mean_token_embedding_to_the_mean_final_stat
     positions = torch.arange(S).expand(3, S)
     lengths = torch.tensor([S, 5, 9])
     pooled = first_last(tokens, positions, lengths)
-    with torch.no_grad():
-        final = mean(tokens, positions, lengths)
-    table = first_last.embedding.word_embeddings.weight.detach()
-    for b in range(3):
-        first = F.normalize(table[tokens[b, : lengths[b]]].mean(dim=0), dim=0)
-        torch.testing.assert_close(pooled[b].detach(), F.normalize(first + final[b], dim=0), atol=1e-5, rtol=1e-5)
-    pooled.sum().backward()
+    final = mean(tokens, positions, lengths)  # normalised mean final states, with gradients
+    table = mean.embedding.word_embeddings.weight
+    expected = torch.stack([F.normalize(F.normalize(table[tokens[b, : lengths[b]]].mean(dim=0), dim=0) + final[b],
+                                        dim=0) for b in range(3)])
+    torch.testing.assert_close(pooled.detach(), expected.detach(), atol=1e-5, rtol=1e-5)
+
+    weights = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(1))
+    (pooled * weights).sum().backward()
+    (expected * weights).sum().backward()
+    for (name, got), (_, want) in zip(first_last.named_parameters(), mean.named_parameters()):
+        assert (got.grad is None) == (want.grad is None), name
+        if got.grad is not None:
+            torch.testing.assert_close(got.grad, want.grad, atol=1e-6, rtol=1e-4, msg=name)
     read = torch.zeros(V, dtype=torch.bool)  # the tokens of real positions: padding gets no gradient
     for b in range(3):
         read[tokens[b, : lengths[b]]] = True

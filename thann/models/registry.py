@@ -134,7 +134,7 @@ def _thann(arch: str, head: str | None = None) -> ModelSpec:
             require(args.pooling in POOLINGS, "contrastive.pooling", args.pooling, f"must be one of {list(POOLINGS)}")
             require(args.pooling != "first_last" or parallel_cfg.pp == 1, "contrastive.pooling", args.pooling,
                     "reads the token embeddings beside the final states, so the model must be one pipeline stage: "
-                    "use parallel.pp=1, or contrastive.pooling=mean")
+                    "use parallel.pp=1 (or train with contrastive.pooling=mean)")
             require(args.projection_dim is None or args.projection_dim > 0, "contrastive.projection_dim",
                     args.projection_dim, "must be null or positive")
         if head == "vlm":

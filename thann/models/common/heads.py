@@ -2,8 +2,8 @@
 
 ``PooledEmbedding``: one vector per sequence, for retrieval: the hidden state of the last real
 token (sequences end with the end-of-document token), the mean over real tokens, or
-``first_last``: the mean of the token embeddings (the embedding layer's output, before the
-learnt tokenization: HF's ``hidden_states[0]``) and the mean of the final hidden states, each
+``first_last``: the mean of the token embeddings (the embedding table's rows, before dropout and
+the learnt tokenization) and the mean of the final hidden states, each
 L2-normalised, added (the "first-last average" of Su et al. 2021; normalised apart because the
 final norm's states are ~50x the embeddings' scale and would drown them). Optionally projected,
 L2-normalised. Shapes: S sequence, B batch, H hidden, P projection.
@@ -35,7 +35,7 @@ class PooledEmbedding(torch.nn.Module):
 
     def forward(self, hidden_SBH: torch.Tensor, lengths_B: torch.Tensor, project: bool = True,
                 embeddings_SBH: torch.Tensor | None = None) -> torch.Tensor:
-        """``project=False``: the pooled hidden states alone (what the decoder itself gives).
+        """``project=False``: the pooled states, unprojected (what the model itself gives).
         ``embeddings_SBH``: the token embeddings, which ``first_last`` pooling reads."""
         B = hidden_SBH.size(1)
         if self.pooling == "last":

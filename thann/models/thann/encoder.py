@@ -40,11 +40,15 @@ class ThannEncoder(_HiddenStates):
                                                         config.init_method, config.params_dtype, learnt_temperature)
         self._token_embeddings = None
         if pooling == "first_last":  # one pipeline stage (the registry checks): the head reads the embeddings
-            self.embedding.register_forward_hook(self._keep_token_embeddings)
+            # The lookup, before the embedding's dropout: under sequence parallelism that dropout is
+            # drawn per rank, and the head must pool the same values on every rank.
+            self.embedding.word_embeddings.register_forward_hook(self._keep_token_embeddings)
 
     def _keep_token_embeddings(self, module, inputs, output) -> None:
-        if self.config.sequence_parallel and module.scatter_to_sequence_parallel:
+        if module.reduce_scatter_embeddings:  # [S/tp, B, H]: this rank's part of the sequence
             output = tensor_parallel.gather_from_sequence_parallel_region(output, tensor_parallel_output_grad=False)
+        else:  # [B, S, H], whole on every rank
+            output = output.transpose(0, 1)
         self._token_embeddings = output
 
     def forward(self, input_ids, position_ids, lengths, project: bool = True):

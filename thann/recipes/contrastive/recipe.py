@@ -225,7 +225,7 @@ class Contrastive(Recipe):
         chunks = ctx.slots["model"].chunks
         metrics = self._embedding_metrics(chunks, project=True)
         if not self.start_metrics:  # the first evaluation of a fresh run: the starting weights
-            # Without a projection the model's embeddings are its pooled hidden states.
+            # Without a projection the model's embeddings are its pooled states.
             self.start_metrics = (self._embedding_metrics(chunks, project=False) if self.contrastive.projection_dim
                                   else dict(metrics))
         if self.contrastive.learnable_temperature and parallel_state.is_pipeline_last_stage():
