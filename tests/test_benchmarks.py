@@ -142,8 +142,9 @@ def test_nnn_benchmark_compares_models_of_the_same_size(tiny_chat_corpus, tmp_pa
 
 @pytest.mark.slow
 def test_pooling_layers_benchmark_prints_each_pooling_of_a_pretraining_checkpoint(tiny_checkpoint):
-    out = subprocess.run([sys.executable, "benchmarks/pooling_layers.py", "--load", str(tiny_checkpoint), "--train", "40",
-                          "--test", "20", "--k", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "benchmarks/pooling_layers.py", "--load", str(tiny_checkpoint),
+                          "--train", "40", "--test", "20", "--k", "3"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = re.findall(r"^\| ([^|]+?) \| " + r" \| ".join([r"([\d.]+)"] * 6) + r" \|$", out.stdout, re.MULTILINE)
     names = [r[0] for r in rows]
