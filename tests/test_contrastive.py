@@ -113,7 +113,7 @@ def test_grad_cache_over_2_ranks_and_2_micro_batches_equals_one_pass(encoder, pa
 
 
 @pytest.mark.parametrize("nproc, layout", [
-    (2, ["parallel.tp=2", "parallel.sp=true"]),
+    slow_case(2, ["parallel.tp=2", "parallel.sp=true"]),  # slow: the default pooling's case below covers tp2·sp
     (2, ["parallel.tp=2", "parallel.sp=true", "contrastive.pooling=first_last"]),
     # without the tokenization the embedding itself splits the sequence (first_last gathers it)
     slow_case(2, ["parallel.tp=2", "parallel.sp=true", "contrastive.pooling=first_last",
