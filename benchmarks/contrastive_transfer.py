@@ -29,7 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # its steps compare with the other rows' (a larger batch takes fewer steps over the same pairs).
 # Rows start from the recipe issue 27 measured (PAIRS: question/reply pairs, mean pooling), or
 # from SimCSE; "first-last" is the default of configs/contrastive.yaml.
-PAIRS = ["data=sharegpt_pairs", "model.hidden_dropout=0.0", "model.attention_dropout=0.0", "contrastive.pooling=mean"]
+NO_DROPOUT = ["model.hidden_dropout=0.0", "model.attention_dropout=0.0"]
+PAIRS = ["data=sharegpt_pairs", *NO_DROPOUT, "contrastive.pooling=mean"]
 ROWS = {
     "issue-27": ([*PAIRS, "train.lr=1.0e-3", "train.min_lr=1.0e-4", "contrastive.temperature=0.05"],
                  "the recipe issue 27 measured: lr 1e-3, temperature 0.05, ShareGPT pairs", 1.0),
@@ -39,11 +40,12 @@ ROWS = {
     "temp-0.02": ([*PAIRS, "contrastive.temperature=0.02"], "a sharper temperature", 1.0),
     "batch-128": ([*PAIRS, "train.global_batch_size=128", "train.warmup_steps=12"],
                   "4x the in-batch negatives (GradCache), the same pairs", 0.25),
-    "last-pooling": ([*PAIRS[:-1], "contrastive.pooling=last"], "the end-of-document state instead of the mean", 1.0),
+    "last-pooling": (["data=sharegpt_pairs", *NO_DROPOUT, "contrastive.pooling=last"],
+                     "the end-of-document state instead of the mean", 1.0),
     "projection": ([*PAIRS, "contrastive.projection_dim=128"], "a new linear projection before the loss", 1.0),
-    "spans": (["data=sharegpt_spans", *PAIRS[1:]],
+    "spans": (["data=sharegpt_spans", *NO_DROPOUT, "contrastive.pooling=mean"],
               "two spans of one ShareGPT conversation instead of question/reply", 1.0),
-    "first-last": ([*PAIRS[:-1], "contrastive.pooling=first_last"],
+    "first-last": (["data=sharegpt_pairs", *NO_DROPOUT, "contrastive.pooling=first_last"],
                    "first-last pooling: the mean token embedding beside the mean final state", 1.0),
     "first-last-dropout": (["data=sharegpt_dropout", "model.hidden_dropout=0.1", "model.attention_dropout=0.1",
                             "contrastive.pooling=first_last"], "SimCSE with first-last pooling", 1.0),
