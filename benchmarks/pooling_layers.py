@@ -8,7 +8,8 @@ contrastive recipe trains.
 
     python benchmarks/pooling_layers.py [--load checkpoints/thann_tiny] [--train 1000] [--test 500] [--k 10]
 
-Prints a markdown table. One process; a pretraining (language model) checkpoint.
+Prints a markdown table. One process; a pretraining (language model) checkpoint (any other, or
+a missing one: one line, exit 2).
 """
 
 import argparse
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from thann.checkpoint.weights import primary_slot, saved_slots, slot_prefix
+from thann.cli import exit_on_bad_input
+from thann.config import require
 from thann.inference.embed import encoder_record
 from thann.inference.embedding import apply_statistics, embed_texts, output_statistics
 from thann.inference.load import build_from_checkpoint, saved, saved_tokenizer
@@ -34,10 +37,14 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     args = parser.parse_args()
 
-    path, metadata = saved(args.load, "load")
-    slot = primary_slot(metadata)
-    if saved_slots(metadata)[slot]["args"].get("arch", "thann") != "thann":
-        raise SystemExit(f"{args.load}: not a THANN language model (pretraining) checkpoint")
+    def prepare():
+        path, metadata = saved(args.load, "load")
+        slot = primary_slot(metadata)
+        require(saved_slots(metadata)[slot]["args"].get("arch", "thann") == "thann", "load", args.load,
+                "not a THANN language model (pretraining) checkpoint")
+        return path, metadata, slot
+
+    path, metadata, slot = exit_on_bad_input(prepare)
     record, _ = encoder_record(saved_slots(metadata)[slot], args.load)  # mean-pooled final states
     layout = OmegaConf.create({"tp": 1, "pp": 1, "ep": 1, "etp": 1, "sp": False})
     state.initialize(layout, 1, 0)

@@ -151,3 +151,7 @@ def test_pooling_layers_benchmark_prints_each_pooling_of_a_pretraining_checkpoin
     assert names[0] == "token embeddings" and names[-2:] == ["final states (mean pooling)", "first-last"], out.stdout
     assert names[1:-2] == [f"decoder layer {i + 1}" for i in range(len(names) - 3)] and len(names) > 3
     assert all(0 <= float(v) <= 1 for r in rows for v in r[1:])
+    missing = subprocess.run([sys.executable, "benchmarks/pooling_layers.py", "--load", str(tiny_checkpoint) + "_none"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.startswith("invalid config: load=")
+    assert missing.stderr.count("\n") == 1
